@@ -1,0 +1,33 @@
+"""Build of the core distribution's Cython extension.
+
+``TCONV_SANITIZE=address`` builds it with AddressSanitizer (see README,
+"Guarantees"); ``TCONV_DEBUG=1`` builds without optimisation, for a debugger.
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+compile_args = ["-O3"]
+link_args = []
+# Bounds checks are switched off per function in the .pyx, where the indices
+# were validated in Python before; nothing is switched off globally.
+directives = {"language_level": 3}
+
+if os.environ.get("TCONV_DEBUG"):
+    compile_args = ["-O0", "-g"]
+if os.environ.get("TCONV_SANITIZE") == "address":
+    compile_args += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+    link_args += ["-fsanitize=address"]
+
+extensions = [
+    Extension(
+        "tconv._blas_core",
+        ["tconv/_blas_core.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -1,0 +1,282 @@
+"""Argument validation and normalisation, done once per call in Python.
+
+Everything a user may pass (lists, read-only or Fortran-ordered arrays, int
+dtypes, every padding form, ``output_size``) is checked here and turned into
+what backends take: C-contiguous 5-D arrays of one float dtype and a
+:class:`~tconv.backend.Geometry` of plain ints. Error messages name the
+function, the argument, the value, and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import shape
+from .backend import Backend, Geometry
+from .registry import resolve_backend
+
+# Sizes past this are refused up front: they cannot be allocated anyway, and
+# keeping every index product far from 2**63 means the kernels' Py_ssize_t
+# arithmetic cannot overflow.
+MAX_EXTENT = 2**40
+MAX_ELEMENTS = 2**56
+
+_DIM_NAMES = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One validated call, ready for a backend."""
+
+    backend: Backend
+    geom: Geometry
+    x: Any  # 5-D, C-contiguous, compute dtype
+    weight: Any
+    bias: Any  # 1-D or None
+    grad_output: Any  # 5-D or None (backward only)
+    out_shape: tuple[int, ...]  # the user-facing shapes: forward output, x, weight
+    x_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    result_dtype: np.dtype
+    user_numpy: bool
+    fname: str
+
+    def finish(self, array, user_shape: tuple[int, ...]):
+        """Kernel result -> the user's shape, dtype and array kind."""
+        array = array.reshape(user_shape)
+        if array.dtype != self.result_dtype:
+            array = array.astype(self.result_dtype)
+        return self.backend.to_user(array, self.user_numpy)
+
+
+def _as_array(value, name: str, fname: str, backend: Backend, optional: bool = False):
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{fname}: {name} is required, got None")
+    if backend.is_native(value) or isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as exc:
+            raise TypeError(f"{fname}: {name} must be an array of numbers, got {type(value).__name__}: {exc}") from None
+    kind = array.dtype.kind
+    if kind == "c":
+        raise TypeError(f"{fname}: {name} has complex dtype {array.dtype}; only real inputs are supported")
+    if kind not in "biuf":
+        raise TypeError(
+            f"{fname}: {name} must hold real numbers (float, int or bool), got dtype {array.dtype}"
+        )
+    if kind == "f" and array.dtype.itemsize > 8:
+        raise TypeError(f"{fname}: {name} has dtype {array.dtype}; use float64 or float32")
+    return array
+
+
+def _dtypes(fname: str, *arrays) -> tuple[np.dtype, np.dtype]:
+    """(compute dtype, result dtype) by SPEC's rules."""
+    result = np.result_type(*[a.dtype for a in arrays if a is not None])
+    if result.kind in "biu":
+        return np.dtype(np.float64), np.dtype(np.float64)
+    if result == np.float16:
+        return np.dtype(np.float32), np.dtype(np.float16)
+    return result, result
+
+
+def _check_size(fname: str, what: str, spatial, channels: int, batch: int) -> None:
+    if any(s > MAX_EXTENT for s in spatial):
+        raise ValueError(f"{fname}: {what} size {tuple(spatial)} is too large (limit {MAX_EXTENT} per dim)")
+    total = batch * channels
+    for s in spatial:
+        total *= s
+    if total > MAX_ELEMENTS:
+        raise ValueError(f"{fname}: {what} would have {total} elements, more than can be allocated")
+
+
+def _lift(sizes: tuple[int, ...], fill: int) -> tuple[int, int, int]:
+    return (fill,) * (3 - len(sizes)) + tuple(sizes)
+
+
+def prepare(
+    *,
+    transposed: bool,
+    ndim: int,
+    x,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups=1,
+    dilation=1,
+    output_size=None,
+    grad_output=None,
+    backward: bool = False,
+    backend: str | None = None,
+) -> Prepared:
+    """Validate one call and normalise it for a backend (see module docstring)."""
+    fname = ("conv_transpose" if transposed else "conv") + f"{ndim}d" + ("_backward" if backward else "")
+    engine = resolve_backend(backend)
+
+    x = _as_array(x, "x", fname, engine)
+    weight = _as_array(weight, "weight", fname, engine)
+    bias = _as_array(bias, "bias", fname, engine, optional=True)
+    if backward:
+        grad_output = _as_array(grad_output, "grad_output", fname, engine)
+    user_numpy = not any(engine.is_native(a) and not isinstance(a, np.ndarray) for a in (x, weight, bias, grad_output) if a is not None)
+    compute_dtype, result_dtype = _dtypes(fname, x, weight, bias, grad_output)
+
+    # ---- ranks and channels ------------------------------------------------
+    if weight.ndim != ndim + 2:
+        layout = "(C_in, C_out // groups, *kernel)" if transposed else "(C_out, C_in // groups, *kernel)"
+        raise ValueError(f"{fname}: weight must be {ndim + 2}-D {layout}, got shape {tuple(weight.shape)}")
+    if x.ndim not in (ndim + 1, ndim + 2):
+        raise ValueError(
+            f"{fname}: x must be {ndim + 2}-D (N, C_in, *spatial) or {ndim + 1}-D (C_in, *spatial), "
+            f"got shape {tuple(x.shape)}"
+        )
+    batched = x.ndim == ndim + 2
+    batch_shape = tuple(x.shape) if batched else (1, *x.shape)
+    n, c_in, in_spatial = batch_shape[0], batch_shape[1], batch_shape[2:]
+    kernel = tuple(weight.shape[2:])
+
+    groups = shape.as_int(groups, f"{fname}: groups")
+    if groups < 1:
+        raise ValueError(f"{fname}: groups must be a positive integer, got {groups}")
+    if transposed:
+        if weight.shape[0] != c_in:
+            raise ValueError(
+                f"{fname}: x has {c_in} input channels but weight.shape[0] is {weight.shape[0]} "
+                f"(weight layout (C_in, C_out // groups, *kernel))"
+            )
+        c_out = weight.shape[1] * groups
+    else:
+        if weight.shape[1] * groups != c_in:
+            raise ValueError(
+                f"{fname}: x has {c_in} input channels but weight.shape[1] * groups is "
+                f"{weight.shape[1]} * {groups} = {weight.shape[1] * groups} "
+                f"(weight layout (C_out, C_in // groups, *kernel))"
+            )
+        c_out = weight.shape[0]
+    if c_in % groups:
+        raise ValueError(f"{fname}: groups={groups} does not divide the {c_in} input channels")
+    if c_out % groups:
+        raise ValueError(f"{fname}: groups={groups} does not divide the {c_out} output channels")
+    if min(kernel) < 1:
+        raise ValueError(f"{fname}: kernel size (weight.shape[2:]) must be positive, got {kernel}")
+    if min(in_spatial) < 1:
+        raise ValueError(f"{fname}: x spatial size must be positive, got {in_spatial}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"{fname}: bias must have shape ({c_out},) (C_out), got {tuple(bias.shape)}")
+
+    # ---- numeric arguments --------------------------------------------------
+    def dims(value, name, minimum):
+        try:
+            values = shape.per_dim(value, ndim, name)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{fname}: {exc}") from None
+        if any(v < minimum for v in values):
+            what = "positive" if minimum == 1 else "non-negative"
+            raise ValueError(f"{fname}: {name} must be {what}, got {value!r}")
+        if any(v > MAX_EXTENT for v in values):
+            raise ValueError(f"{fname}: {name} {value!r} is too large (limit {MAX_EXTENT})")
+        return values
+
+    stride = dims(stride, "stride", 1)
+    dilation = dims(dilation, "dilation", 1)
+    output_padding = dims(output_padding, "output_padding", 0) if transposed else (0,) * ndim
+
+    wanted = None
+    if transposed and output_size is not None:
+        try:
+            wanted = tuple(output_size)
+        except TypeError:
+            wanted = (output_size,)
+        wanted = tuple(shape.as_int(v, f"{fname}: output_size") for v in wanted)
+        if len(wanted) in (ndim + 1, ndim + 2):  # the full shape, with N and/or C
+            wanted = wanted[-ndim:]
+        if len(wanted) != ndim:
+            raise ValueError(
+                f"{fname}: output_size must give {ndim} spatial sizes (or the full shape), got {output_size!r}"
+            )
+        if min(wanted) < 1:
+            raise ValueError(f"{fname}: output_size must be positive, got {output_size!r}")
+        if any(v > MAX_EXTENT for v in wanted):
+            raise ValueError(f"{fname}: output_size {output_size!r} is too large (limit {MAX_EXTENT})")
+
+    same_mode = isinstance(padding, str) and padding.lower() in ("same", "same_lower")
+    try:
+        pad_begin, pad_end = shape.resolve_padding(
+            padding, in_spatial, kernel, stride, dilation, output_padding,
+            transposed=transposed, output_size=wanted if same_mode else None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{fname}: {exc}") from None
+    if any(p > MAX_EXTENT for p in pad_begin + pad_end):
+        raise ValueError(f"{fname}: padding {padding!r} is too large (limit {MAX_EXTENT})")
+    pads = tuple(zip(pad_begin, pad_end))
+
+    if wanted is not None and not same_mode:
+        try:
+            output_padding = shape.output_padding_for(in_spatial, wanted, kernel, stride, pads, dilation)
+        except ValueError as exc:
+            raise ValueError(f"{fname}: {exc}") from None
+    if transposed and not (wanted is not None and not same_mode):
+        bad = [
+            (o, s, d) for o, s, d in zip(output_padding, stride, dilation) if not (o < s or o < d)
+        ]
+        if bad:
+            raise ValueError(
+                f"{fname}: output_padding must be smaller than stride or dilation, got "
+                f"output_padding={output_padding}, stride={stride}, dilation={dilation}"
+            )
+
+    if transposed:
+        out_spatial = shape.conv_transpose_output_size(in_spatial, kernel, stride, pads, output_padding, dilation)
+    else:
+        out_spatial = shape.conv_output_size(in_spatial, kernel, stride, pads, dilation)
+    if min(out_spatial) < 1:
+        raise ValueError(
+            f"{fname}: output size {out_spatial} is below 1 for input size {in_spatial}, "
+            f"kernel {kernel}, stride {stride}, padding {padding!r}, dilation {dilation}"
+        )
+    _check_size(fname, "output", out_spatial, c_out, n)
+    _check_size(fname, "kernel extent", tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel)), 1, 1)
+
+    image, grid = (out_spatial, in_spatial) if transposed else (in_spatial, out_spatial)
+    geom = Geometry(
+        image=_lift(image, 1),
+        grid=_lift(grid, 1),
+        kernel=_lift(kernel, 1),
+        stride=_lift(stride, 1),
+        dilation=_lift(dilation, 1),
+        pad_begin=_lift(pad_begin, 0),
+        groups=groups,
+    )
+
+    if backward:
+        expected = (n, c_out, *out_spatial) if batched else (c_out, *out_spatial)
+        if tuple(grad_output.shape) != expected:
+            raise ValueError(
+                f"{fname}: grad_output must have the forward output's shape {expected}, "
+                f"got {tuple(grad_output.shape)}"
+            )
+        grad_output = engine.asarray(grad_output, compute_dtype).reshape(n, c_out, *_lift(out_spatial, 1))
+
+    return Prepared(
+        backend=engine,
+        geom=geom,
+        x=engine.asarray(x, compute_dtype).reshape(n, c_in, *_lift(in_spatial, 1)),
+        weight=engine.asarray(weight, compute_dtype).reshape(*weight.shape[:2], *_lift(kernel, 1)),
+        bias=None if bias is None else engine.asarray(bias, compute_dtype),
+        grad_output=grad_output,
+        out_shape=(n, c_out, *out_spatial) if batched else (c_out, *out_spatial),
+        x_shape=tuple(x.shape),
+        weight_shape=tuple(weight.shape),
+        result_dtype=result_dtype,
+        user_numpy=user_numpy,
+        fname=fname,
+    )

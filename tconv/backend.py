@@ -1,0 +1,123 @@
+"""The interface every backend implements, and the geometry it is handed.
+
+A backend computes three primitives. Every convolution, transposed or not,
+forward or backward, is one of them (``tconv.functional`` does the mapping):
+
+==========================  ===========================================
+primitive                   used for
+==========================  ===========================================
+``scatter`` (col2im)        conv_transpose forward, conv input gradient
+``gather`` (im2col)         conv forward, conv_transpose input gradient
+``weight_grad``             the weight gradient of both
+==========================  ===========================================
+
+All three speak of two spatial grids tied by one index map. The *image* is
+the dense side (a transposed convolution's output, a regular convolution's
+input); the *grid* is the strided side (its input, resp. output). Grid cell
+``l`` and kernel tap ``k`` meet image cell ``l * stride - pad_begin + k *
+dilation`` in each spatial dim; taps that land outside the image are dropped.
+
+Arrays reach a backend validated and normalised: C-contiguous, one float
+dtype (float32 or float64) for all of them, always 5-D ``(N, C, D, H, W)``
+(1-D and 2-D problems are lifted with unit dims), and the sizes in
+``Geometry`` agree with the shapes. Kernels never re-validate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["Backend", "Geometry"]
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one lifted 3-D problem; plain ints only.
+
+    Attributes
+    ----------
+    image, grid, kernel : (D, H, W)
+        Spatial sizes of the dense side, the strided side and the kernel.
+    stride, dilation, pad_begin : (D, H, W)
+        The index map ``image = grid * stride - pad_begin + tap * dilation``.
+        ``pad_begin`` may be negative (ONNX ``output_shape`` past the full output).
+    groups : int
+        Channel groups; channels are split in ``groups`` equal consecutive blocks.
+    """
+
+    image: Triple
+    grid: Triple
+    kernel: Triple
+    stride: Triple
+    dilation: Triple
+    pad_begin: Triple
+    groups: int
+
+
+class Backend:
+    """Base class of a tconv backend.
+
+    Subclass it, implement the three primitives, and register the class (or
+    any zero-argument callable returning an instance) under the
+    ``tconv.backends`` entry-point group. Shapes below use ``G`` for groups,
+    ``P`` and ``Q`` for channels per group.
+    """
+
+    #: name used by ``TCONV_BACKEND``, ``set_backend`` and ``backend=``.
+    name: ClassVar[str] = ""
+    #: one line for ``list_backends()`` and ``python -m tconv info``.
+    description: ClassVar[str] = ""
+    #: rank when no backend is asked for: the highest available wins;
+    #: ``None`` means never chosen implicitly (e.g. a GPU backend).
+    default_priority: ClassVar[int | None] = None
+
+    def availability(self) -> tuple[bool, str]:
+        """``(True, "")`` when it can run here, else ``(False, why)``."""
+        return True, ""
+
+    def is_available(self) -> bool:
+        """Whether this backend can run in this process."""
+        return self.availability()[0]
+
+    # -- array handling: CPU backends keep NumPy; a device backend overrides --
+    def asarray(self, array: Any, dtype: np.dtype) -> Any:
+        """``array`` as a C-contiguous array of ``dtype`` that the kernels take."""
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def to_user(self, array: Any, user_arrays_are_numpy: bool) -> Any:
+        """Convert a kernel result to what the caller passed in."""
+        return array
+
+    def is_native(self, array: Any) -> bool:
+        """Whether ``array`` is one of this backend's own array kind (else NumPy-like)."""
+        return isinstance(array, np.ndarray)
+
+    # -- the three primitives --
+    def scatter(self, grid_in, weight, bias, geom: Geometry):
+        """col2im: ``out[n, gQ+q, image] = bias[gQ+q] + sum w[gP+p, q, k] * grid_in[n, gP+p, l]``.
+
+        ``grid_in``: ``(N, G*P, *grid)``; ``weight``: ``(G*P, Q, *kernel)``;
+        ``bias``: ``(G*Q,)`` or None; returns ``(N, G*Q, *image)``.
+        """
+        raise NotImplementedError
+
+    def gather(self, image_in, weight, bias, geom: Geometry):
+        """im2col: ``out[n, gQ+q, l] = bias[gQ+q] + sum w[gQ+q, p, k] * image_in[n, gP+p, image(l, k)]``.
+
+        ``image_in``: ``(N, G*P, *image)``; ``weight``: ``(G*Q, P, *kernel)``;
+        ``bias``: ``(G*Q,)`` or None; returns ``(N, G*Q, *grid)``.
+        """
+        raise NotImplementedError
+
+    def weight_grad(self, image_in, grid_in, geom: Geometry):
+        """``gw[gQ+q, p, k] = sum_n sum_l grid_in[n, gQ+q, l] * image_in[n, gP+p, image(l, k)]``.
+
+        ``image_in``: ``(N, G*P, *image)``; ``grid_in``: ``(N, G*Q, *grid)``;
+        returns ``(G*Q, P, *kernel)``.
+        """
+        raise NotImplementedError

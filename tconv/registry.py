@@ -1,0 +1,289 @@
+"""Backend registry: discovery through entry points, selection, thread budget.
+
+Backends are found in the ``tconv.backends`` entry-point group, the core's
+own ``blas`` and ``numpy`` included. A plugin that fails to load is listed
+with its error as the reason, never raised at import. Asking for a backend
+that is unknown or cannot run raises :class:`BackendError` with the list of
+those that can: there is no silent fallback.
+
+Which backend runs a call, first match wins:
+
+1. the call's ``backend=`` argument;
+2. the innermost ``with use_backend(name)`` of the current thread or task;
+3. ``set_backend(name)``;
+4. the ``TCONV_BACKEND`` environment variable;
+5. the available backend with the highest ``default_priority``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Iterator
+
+from .backend import Backend
+
+__all__ = [
+    "BackendError",
+    "BackendInfo",
+    "list_backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "resolve_backend",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+ENTRY_POINT_GROUP = "tconv.backends"
+
+# What the core ships, used when tconv runs from a source tree that was never
+# installed (so its entry points are not in any dist-info).
+_BUILTIN_ENTRY_POINTS = {
+    "blas": "tconv._blas_backend:BlasBackend",
+    "numpy": "tconv._numpy_backend:NumpyBackend",
+}
+
+
+class BackendError(ValueError):
+    """A backend was asked for that is unknown or cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ``list_backends()`` reports for one backend."""
+
+    name: str
+    available: bool
+    reason: str
+    description: str
+
+
+@dataclass
+class _Entry:
+    name: str
+    backend: Backend | None
+    load_error: str = ""
+
+    def info(self) -> BackendInfo:
+        if self.backend is None:
+            return BackendInfo(self.name, False, self.load_error, "")
+        try:
+            available, reason = self.backend.availability()
+        except Exception as exc:  # a plugin's own check must not break the listing
+            available, reason = False, f"availability check failed: {exc!r}"
+        return BackendInfo(self.name, bool(available), reason, self.backend.description)
+
+
+_lock = threading.Lock()
+_entries: dict[str, _Entry] | None = None
+_process_choice: str | None = None
+_scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tconv_backend", default=None
+)
+
+
+def _load(name: str, loader) -> _Entry:
+    try:
+        obj = loader()
+        backend = obj if isinstance(obj, Backend) else obj()  # a class or a factory
+        if not isinstance(backend, Backend):
+            raise TypeError(f"entry point gave {type(backend).__name__}, not a tconv Backend")
+        return _Entry(name, backend)
+    except Exception as exc:  # a broken plugin is reported, never raised here
+        return _Entry(name, None, f"failed to load: {type(exc).__name__}: {exc}")
+
+
+def _discover() -> dict[str, _Entry]:
+    found: dict[str, _Entry] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in found:
+            found[ep.name] = _load(ep.name, ep.load)
+    for name, target in _BUILTIN_ENTRY_POINTS.items():
+        if name not in found:
+            module, attr = target.split(":")
+
+            def loader(module=module, attr=attr):
+                import importlib
+
+                return getattr(importlib.import_module(module), attr)
+
+            found[name] = _load(name, loader)
+    return dict(sorted(found.items()))
+
+
+def _registry() -> dict[str, _Entry]:
+    global _entries
+    if _entries is None:
+        with _lock:
+            if _entries is None:
+                _entries = _discover()
+    return _entries
+
+
+def reload_backends() -> None:
+    """Forget what was discovered; the next call scans the entry points again."""
+    global _entries
+    with _lock:
+        _entries = None
+
+
+def register_backend(backend: Backend, *, name: str | None = None) -> None:
+    """Register a backend object in this process (tests, experiments).
+
+    Installed plugins should use the ``tconv.backends`` entry-point group instead.
+    """
+    entries = _registry()
+    with _lock:
+        entries[name or backend.name] = _Entry(name or backend.name, backend)
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every backend found, with whether it can run here and why not.
+
+    Returns
+    -------
+    list of BackendInfo
+        ``(name, available, reason, description)``, sorted by name.
+    """
+    return [entry.info() for entry in _registry().values()]
+
+
+def _available_names() -> list[str]:
+    return [info.name for info in list_backends() if info.available]
+
+
+def _checked(name: str, source: str) -> Backend:
+    if not isinstance(name, str):
+        raise BackendError(f"{source} must be a backend name (str), got {name!r}")
+    entries = _registry()
+    available = ", ".join(_available_names()) or "none"
+    entry = entries.get(name)
+    if entry is None:
+        raise BackendError(
+            f"unknown backend {name!r} (from {source}); available backends: {available}"
+        )
+    info = entry.info()
+    if not info.available:
+        raise BackendError(
+            f"backend {name!r} (from {source}) cannot run here: {info.reason}; "
+            f"available backends: {available}"
+        )
+    return entry.backend
+
+
+def _default_name() -> str:
+    env = os.environ.get("TCONV_BACKEND", "").strip()
+    if env:
+        _checked(env, "TCONV_BACKEND")
+        return env
+    best, best_priority = None, None
+    for entry in _registry().values():
+        backend = entry.backend
+        if backend is None or backend.default_priority is None:
+            continue
+        if (best_priority is None or backend.default_priority > best_priority) and entry.info().available:
+            best, best_priority = entry.name, backend.default_priority
+    if best is None:
+        raise BackendError("no backend can run here; see tconv.list_backends()")
+    return best
+
+
+def get_backend() -> str:
+    """Name of the backend in force for this thread (see the module docstring)."""
+    scoped = _scoped_choice.get()
+    if scoped is not None:
+        return scoped
+    if _process_choice is not None:
+        return _process_choice
+    return _default_name()
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for the whole process; ``None`` returns to the default.
+
+    Raises
+    ------
+    BackendError
+        If ``name`` is unknown or cannot run here.
+    """
+    global _process_choice
+    if name is not None:
+        _checked(name, "set_backend")
+    _process_choice = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Use ``name`` inside the ``with`` block, in this thread (or async task) only.
+
+    Examples
+    --------
+    >>> with use_backend("numpy"):
+    ...     get_backend()
+    'numpy'
+    """
+    _checked(name, "use_backend")
+    token = _scoped_choice.set(name)
+    try:
+        yield name
+    finally:
+        _scoped_choice.reset(token)
+
+
+def resolve_backend(name: str | None = None) -> Backend:
+    """The backend object a call runs on: ``name`` if given, else the one in force."""
+    if name is not None:
+        return _checked(name, "backend=")
+    chosen = get_backend()
+    return _checked(chosen, "the backend in force")
+
+
+# --------------------------------------------------------------------------- #
+# thread budget
+# --------------------------------------------------------------------------- #
+_num_threads: int | None = None
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get("TCONV_NUM_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"TCONV_NUM_THREADS must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"TCONV_NUM_THREADS must be a positive integer, got {raw!r}")
+    return value
+
+
+def get_num_threads() -> int:
+    """Threads tconv's compute may use: ``set_num_threads``, else
+    ``TCONV_NUM_THREADS``, else the cores this process may run on."""
+    if _num_threads is not None:
+        return _num_threads
+    env = _env_threads()
+    if env is not None:
+        return env
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n: int | None) -> None:
+    """Bound the threads of the multicore backends and of BLAS; ``None`` resets.
+
+    Backends split this budget between their own threads and BLAS's so that
+    the two never oversubscribe the cores.
+    """
+    global _num_threads
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"set_num_threads: n must be a positive integer or None, got {n!r}")
+    _num_threads = n

@@ -1,0 +1,372 @@
+"""Shape inference: the one place where convolution sizes are computed.
+
+Per spatial dimension, a transposed convolution maps ``in`` cells to::
+
+    out = (in - 1) * stride - pad_begin - pad_end + dilation * (k - 1) + output_padding + 1
+
+and a regular convolution is its adjoint::
+
+    out = (in + pad_begin + pad_end - dilation * (k - 1) - 1) // stride + 1
+
+Every other module asks this one for sizes and for the resolution of the
+padding forms (int, per-dim ints, ``(begin, end)`` pairs, ``"valid"``,
+``"same"`` = ONNX ``SAME_UPPER``, ``"same_lower"`` = ONNX ``SAME_LOWER``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Sequence, Union
+
+IntOrSeq = Union[int, Sequence[int]]
+Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
+
+PADDING_MODES = ("valid", "same", "same_lower")
+
+__all__ = [
+    "conv_transpose_output_size",
+    "conv_output_size",
+    "output_padding_for",
+    "resolve_padding",
+    "solve",
+    "Solution",
+    "PADDING_MODES",
+]
+
+
+# --------------------------------------------------------------------------- #
+# argument helpers (shared with the API module)
+# --------------------------------------------------------------------------- #
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int; bools and non-integers are a TypeError."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
+
+
+def per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
+    """Expand an int or a sequence of ``ndim`` ints to a tuple of ``ndim`` ints."""
+    if isinstance(value, str) or value is None:
+        raise TypeError(f"{name} must be an int or {ndim} ints, got {value!r}")
+    if hasattr(value, "__index__") and not isinstance(value, bool):
+        return (operator.index(value),) * ndim
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or {ndim} ints, got {value!r}") from None
+    if len(items) != ndim:
+        raise ValueError(
+            f"{name} must be an int or {ndim} ints (one per spatial dim), got {value!r}"
+        )
+    return tuple(as_int(v, name) for v in items)
+
+
+def _check_positive(values: tuple[int, ...], name: str) -> None:
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name} must be positive, got {values}")
+
+
+def _check_non_negative(values: tuple[int, ...], name: str) -> None:
+    if any(v < 0 for v in values):
+        raise ValueError(f"{name} must be non-negative, got {values}")
+
+
+def _sizes(input_size: IntOrSeq, kernel_size: IntOrSeq) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if hasattr(input_size, "__index__") and not isinstance(input_size, bool):
+        ndim = len(kernel_size) if isinstance(kernel_size, (tuple, list)) else 1
+        input_size = per_dim(input_size, ndim, "input_size")
+    else:
+        input_size = per_dim(input_size, len(tuple(input_size)), "input_size")
+    ndim = len(input_size)
+    kernel = per_dim(kernel_size, ndim, "kernel_size")
+    _check_non_negative(input_size, "input_size")
+    _check_positive(kernel, "kernel_size")
+    return input_size, kernel
+
+
+def _numeric_padding(padding, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """int | per-dim ints | per-dim (begin, end) pairs -> (begins, ends)."""
+    if hasattr(padding, "__index__") and not isinstance(padding, bool):
+        p = operator.index(padding)
+        begin = end = (p,) * ndim
+    else:
+        try:
+            items = tuple(padding)
+        except TypeError:
+            raise TypeError(
+                f"padding must be an int, {ndim} ints, {ndim} (begin, end) pairs or one of "
+                f"{PADDING_MODES}, got {padding!r}"
+            ) from None
+        if len(items) != ndim:
+            raise ValueError(
+                f"padding must be an int, {ndim} ints or {ndim} (begin, end) pairs "
+                f"(one per spatial dim), got {padding!r}"
+            )
+        if all(isinstance(i, (tuple, list)) for i in items):
+            if any(len(i) != 2 for i in items):
+                raise ValueError(f"padding pairs must be (begin, end), got {padding!r}")
+            begin = tuple(as_int(i[0], "padding") for i in items)
+            end = tuple(as_int(i[1], "padding") for i in items)
+        else:
+            begin = end = tuple(as_int(i, "padding") for i in items)
+    if any(v < 0 for v in begin + end):
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return begin, end
+
+
+def _split_total(total: int, mode: str) -> tuple[int, int]:
+    """Split a total crop as ONNX does: SAME_UPPER puts the odd cell at the end."""
+    half = total // 2  # floor division, as ONNX's reference: a negative total stays legal
+    if mode == "same":
+        return half, total - half
+    return total - half, half
+
+
+def resolve_padding(
+    padding: Padding,
+    input_size: IntOrSeq,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    dilation: IntOrSeq = 1,
+    output_padding: IntOrSeq = 0,
+    *,
+    transposed: bool = True,
+    output_size: IntOrSeq | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Resolve any padding form to per-dim ``(pad_begin, pad_end)`` tuples.
+
+    Parameters
+    ----------
+    padding
+        int, per-dim ints, per-dim ``(begin, end)`` pairs, or ``"valid"``,
+        ``"same"`` (ONNX SAME_UPPER) or ``"same_lower"`` (ONNX SAME_LOWER).
+    transposed
+        Whether the sizes are those of a transposed convolution (where
+        ``"same"`` means ``out = in * stride``) or a regular one (``out =
+        ceil(in / stride)``).
+    output_size
+        Transposed only, with ``"same"``/``"same_lower"``: the size wanted
+        (ONNX ``output_shape``); the total crop is recomputed from it.
+
+    Returns
+    -------
+    (pad_begin, pad_end)
+        Two tuples of ints. Only the ``"same"`` modes with an ``output_size``
+        may give negative values (extra computed cells).
+    """
+    inp, kernel = _sizes(input_size, kernel_size)
+    ndim = len(inp)
+    if not isinstance(padding, str):
+        return _numeric_padding(padding, ndim)
+    mode = padding.lower()
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding must be an int, ints, pairs or one of {PADDING_MODES}, got {padding!r}")
+    if mode == "valid":
+        return (0,) * ndim, (0,) * ndim
+    strides = per_dim(stride, ndim, "stride")
+    dil = per_dim(dilation, ndim, "dilation")
+    _check_positive(strides, "stride")
+    _check_positive(dil, "dilation")
+    extent = tuple(d * (k - 1) + 1 for d, k in zip(dil, kernel))
+    if transposed:
+        op = per_dim(output_padding, ndim, "output_padding")
+        if output_size is None:
+            target = tuple(i * s for i, s in zip(inp, strides))
+        else:
+            target = per_dim(output_size, ndim, "output_size")
+        totals = [s * (i - 1) + o + e - t for i, s, o, e, t in zip(inp, strides, op, extent, target)]
+    else:
+        target = tuple(-(-i // s) for i, s in zip(inp, strides))
+        totals = [max((t - 1) * s + e - i, 0) for i, s, e, t in zip(inp, strides, extent, target)]
+    pairs = [_split_total(t, mode) for t in totals]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+# --------------------------------------------------------------------------- #
+# the formulas
+# --------------------------------------------------------------------------- #
+def conv_transpose_output_size(
+    input_size: IntOrSeq,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    output_padding: IntOrSeq = 0,
+    dilation: IntOrSeq = 1,
+) -> tuple[int, ...]:
+    """Spatial output size of a transposed convolution.
+
+    ``out = (in - 1) * stride - pad_begin - pad_end + dilation * (k - 1) + output_padding + 1``
+
+    Examples
+    --------
+    >>> conv_transpose_output_size((2, 2), 3)
+    (4, 4)
+    >>> conv_transpose_output_size(7, 4, stride=2, padding=1)
+    (14,)
+    """
+    inp, kernel = _sizes(input_size, kernel_size)
+    ndim = len(inp)
+    strides = per_dim(stride, ndim, "stride")
+    dil = per_dim(dilation, ndim, "dilation")
+    op = per_dim(output_padding, ndim, "output_padding")
+    _check_positive(strides, "stride")
+    _check_positive(dil, "dilation")
+    _check_non_negative(op, "output_padding")
+    begin, end = resolve_padding(padding, inp, kernel, strides, dil, op, transposed=True)
+    return tuple(
+        (i - 1) * s - b - e + d * (k - 1) + o + 1
+        for i, s, b, e, d, k, o in zip(inp, strides, begin, end, dil, kernel, op)
+    )
+
+
+def conv_output_size(
+    input_size: IntOrSeq,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+) -> tuple[int, ...]:
+    """Spatial output size of a regular convolution.
+
+    ``out = (in + pad_begin + pad_end - dilation * (k - 1) - 1) // stride + 1``
+
+    Examples
+    --------
+    >>> conv_output_size((4, 4), 3)
+    (2, 2)
+    """
+    inp, kernel = _sizes(input_size, kernel_size)
+    ndim = len(inp)
+    strides = per_dim(stride, ndim, "stride")
+    dil = per_dim(dilation, ndim, "dilation")
+    _check_positive(strides, "stride")
+    _check_positive(dil, "dilation")
+    begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=False)
+    return tuple(
+        (i + b + e - d * (k - 1) - 1) // s + 1
+        for i, s, b, e, d, k in zip(inp, strides, begin, end, dil, kernel)
+    )
+
+
+def reachable_output_sizes(
+    input_size: IntOrSeq,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+) -> tuple[range, ...]:
+    """Per dim, the output sizes that some ``output_padding`` reaches (PyTorch's rule)."""
+    inp, kernel = _sizes(input_size, kernel_size)
+    strides = per_dim(stride, len(inp), "stride")
+    smallest = conv_transpose_output_size(inp, kernel, strides, padding, 0, dilation)
+    return tuple(range(m, m + s) for m, s in zip(smallest, strides))
+
+
+def output_padding_for(
+    input_size: IntOrSeq,
+    output_size: IntOrSeq,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: Padding = 0,
+    dilation: IntOrSeq = 1,
+) -> tuple[int, ...]:
+    """The ``output_padding`` that makes a transposed convolution produce ``output_size``.
+
+    PyTorch's rule: the reachable sizes per dim are ``smallest .. smallest +
+    stride - 1``, ``smallest`` being the size with ``output_padding = 0``.
+
+    Raises
+    ------
+    ValueError
+        When a size is not reachable; the message lists the reachable ones.
+
+    Examples
+    --------
+    >>> output_padding_for(7, 14, 3, stride=2, padding=1)
+    (1,)
+    """
+    inp, kernel = _sizes(input_size, kernel_size)
+    ndim = len(inp)
+    wanted = per_dim(output_size, ndim, "output_size")
+    reachable = reachable_output_sizes(inp, kernel, stride, padding, dilation)
+    for dim, (want, sizes) in enumerate(zip(wanted, reachable)):
+        if want not in sizes:
+            raise ValueError(
+                f"output_size {wanted} is not reachable: in spatial dim {dim} the sizes "
+                f"reachable with this kernel, stride, padding and dilation are "
+                f"{sizes.start}..{sizes.stop - 1} (output_padding 0..{len(sizes) - 1}), got {want}"
+            )
+    return tuple(w - r.start for w, r in zip(wanted, reachable))
+
+
+# --------------------------------------------------------------------------- #
+# the inverse question: which layers map size A to size B?
+# --------------------------------------------------------------------------- #
+class Solution(tuple):
+    """One (kernel, stride, padding, output_padding) choice, per dim."""
+
+    __slots__ = ()
+
+    def __new__(cls, kernel: int, stride: int, padding: int, output_padding: int):
+        return super().__new__(cls, (kernel, stride, padding, output_padding))
+
+    kernel = property(operator.itemgetter(0))
+    stride = property(operator.itemgetter(1))
+    padding = property(operator.itemgetter(2))
+    output_padding = property(operator.itemgetter(3))
+
+    def __repr__(self) -> str:
+        parts = [f"k{self.kernel}", f"s{self.stride}"]
+        if self.padding:
+            parts.append(f"p{self.padding}")
+        if self.output_padding:
+            parts.append(f"op{self.output_padding}")
+        return " ".join(parts)
+
+
+def solve(
+    input_size: int,
+    output_size: int,
+    *,
+    max_kernel: int = 16,
+    max_stride: int = 8,
+    limit: int = 10,
+) -> list[Solution]:
+    """List common transposed-convolution settings mapping ``input_size`` to ``output_size``.
+
+    Searches kernels ``1..max_kernel``, strides ``1..max_stride``, symmetric
+    padding and the legal ``output_padding`` (dilation 1), keeps the ones the
+    formula confirms, simplest first (fewest non-default knobs, then the
+    smallest kernel).
+
+    Examples
+    --------
+    >>> solve(7, 14)[:3]
+    [k2 s2, k4 s2 p1, k3 s2 p1 op1]
+    """
+    inp = as_int(input_size, "input_size")
+    out = as_int(output_size, "output_size")
+    if inp < 1 or out < 1:
+        raise ValueError(f"sizes must be positive, got input_size={inp}, output_size={out}")
+    found = []
+    for stride in range(1, max_stride + 1):
+        for kernel in range(stride, max_kernel + 1):  # kernel < stride leaves holes
+            # out = (in-1)*s - 2p + k + op  =>  2p - op = (in-1)*s + k - out
+            diff = (inp - 1) * stride + kernel - out
+            for op in range(0, stride):
+                if (diff + op) % 2 or diff + op < 0:
+                    continue
+                pad = (diff + op) // 2
+                if pad >= kernel:  # a crop wider than the kernel throws away whole inputs
+                    continue
+                if conv_transpose_output_size(inp, kernel, stride, pad, op)[0] != out:
+                    continue  # pragma: no cover - the algebra above is the formula
+                found.append(Solution(kernel, stride, pad, op))
+    # simplest first: the stride closest to the size ratio, then fewer extra knobs, then kernel
+    ratio = out / inp
+
+    def cost(s: Solution):
+        return (abs(s.stride - ratio), bool(s.padding) + bool(s.output_padding), s.kernel)
+
+    found.sort(key=cost)
+    return found[:limit]
