@@ -1,0 +1,43 @@
+"""BLAS thread control through threadpoolctl, cheap enough for every call.
+
+NumPy and SciPy may each load their own OpenBLAS; threadpoolctl finds both.
+The controller is built once (it scans the loaded libraries) and a limit is
+only applied when it differs from the one already in force.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from threadpoolctl import ThreadpoolController
+
+_controller: ThreadpoolController | None = None
+_lock = threading.Lock()
+_current: int | None = None
+
+
+def controller() -> ThreadpoolController:
+    """The process's ThreadpoolController (built on first use)."""
+    global _controller
+    if _controller is None:
+        with _lock:
+            if _controller is None:
+                _controller = ThreadpoolController()
+    return _controller
+
+
+def blas_info() -> list[dict]:
+    """threadpoolctl's description of every BLAS library loaded."""
+    return [info for info in controller().info() if info.get("user_api") == "blas"]
+
+
+def set_blas_threads(n: int) -> None:
+    """Set every loaded BLAS to ``n`` threads (no-op when already so)."""
+    global _current
+    if _current == n:
+        return
+    with _lock:
+        for lib in controller().select(user_api="blas").lib_controllers:
+            lib.set_num_threads(n)
+        _current = n
+
