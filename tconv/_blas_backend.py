@@ -1,8 +1,160 @@
-"""placeholder"""
-from .backend import Backend
+"""The ``blas`` backend: the compiled core (Cython im2col/col2im + BLAS GEMM).
+
+This module plans; ``_blas_core`` computes. The plan splits a call into
+tiles whose work buffers fit ``WORKSPACE_BYTES`` whatever the batch size:
+small images are folded (several samples per GEMM, so the GEMM stays wide),
+large ones are cut into column ranges. The kernels allocate the buffers per
+call, so concurrent calls from several threads share no state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _threads
+from .backend import Backend, Geometry
+from .registry import get_num_threads
+
+try:
+    from . import _blas_core
+except ImportError as exc:  # an uninstalled source tree, or a failed build
+    _blas_core = None
+    _IMPORT_ERROR = f"the compiled core is not built ({exc}); run `pip install .`"
+else:
+    _IMPORT_ERROR = ""
+
+#: Upper bound of the work buffers one call allocates (column buffer plus
+#: packed operand). SPEC's bound is 64 MiB; this leaves headroom.
+WORKSPACE_BYTES = int(os.environ.get("TCONV_WORKSPACE_MB", "32")) * 2**20
+
+#: A sample narrower than this many grid cells is folded with others into
+#: one GEMM; wider ones already make a wide enough GEMM on their own.
+FOLD_BELOW_COLUMNS = 1024
+
+_BLAS_INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one call is cut: ``n_tiles`` tiles of ``cols_per_tile`` GEMM columns."""
+
+    samples_per_tile: int
+    cols_per_tile: int
+    n_tiles: int
+    row_block: int  # scatter: output channels per GEMM (all of them unless the kernel is huge)
+
+    def describe(self) -> str:
+        if self.samples_per_tile > 1:
+            how = f"{self.samples_per_tile} samples folded per GEMM"
+        else:
+            how = f"{self.cols_per_tile} columns per GEMM"
+        return f"{how}, {self.n_tiles} tiles"
+
+
+def plan_tiles(n: int, grid_cells: int, rows_per_col: int, packed_rows_per_col: int,
+               itemsize: int, row_unit: int = 0, row_units: int = 0) -> TilePlan:
+    """Choose tile sizes so that the work buffers stay within ``WORKSPACE_BYTES``.
+
+    ``rows_per_col`` elements of column buffer and ``packed_rows_per_col``
+    elements of packed operand are needed per GEMM column (the latter only
+    when samples are folded). For scatter, ``row_units`` output channels of
+    ``row_unit`` rows each may be split into blocks when even a narrow tile
+    would not fit.
+    """
+    budget = WORKSPACE_BYTES // itemsize
+    min_cols = min(grid_cells * n, 256)
+    row_block = row_units
+    if row_unit and rows_per_col * min_cols > budget:
+        row_block = max(1, budget // min_cols // row_unit)
+        rows_per_col = row_block * row_unit
+    max_cols = max(1, budget // max(1, rows_per_col))
+    if grid_cells < FOLD_BELOW_COLUMNS and n > 1:
+        per_fold = max(1, budget // max(1, rows_per_col + packed_rows_per_col))
+        samples = max(1, min(n, per_fold // grid_cells, -(-FOLD_BELOW_COLUMNS // grid_cells) * 4))
+    else:
+        samples = 1
+    if samples > 1:
+        return TilePlan(samples, samples * grid_cells, -(-n // samples), row_block)
+    cols = min(grid_cells, max_cols)
+    return TilePlan(1, cols, n * -(-grid_cells // cols), row_block)
+
+
+def _check_blas_ints(*sizes: int) -> None:
+    if max(sizes) > _BLAS_INT_MAX:
+        raise ValueError(
+            f"blas backend: a GEMM dimension of {max(sizes)} exceeds BLAS's 32-bit limit; "
+            f"use the numpy backend for problems this large"
+        )
+
+
+def _spatial(geom: Geometry) -> tuple:
+    return (geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin)
+
+
 class BlasBackend(Backend):
     name = "blas"
-    description = "compiled core (not built yet)"
+    description = "compiled core: Cython im2col/col2im + BLAS GEMM (scipy.linalg.cython_blas)"
     default_priority = 10
-    def availability(self):
-        return False, "not built"
+
+    def availability(self) -> tuple[bool, str]:
+        return (_blas_core is not None), _IMPORT_ERROR
+
+    def _prepare_threads(self) -> None:
+        _threads.set_blas_threads(get_num_threads())
+
+    def scatter(self, grid_in, weight, bias, geom):
+        n, c_in = grid_in.shape[:2]
+        p, q = c_in // geom.groups, weight.shape[1]
+        taps = int(np.prod(geom.kernel))
+        grid_cells = int(np.prod(geom.grid))
+        _check_blas_ints(grid_cells, q * taps, p)
+        plan = plan_tiles(n, grid_cells, q * taps, p, grid_in.itemsize, row_unit=taps, row_units=q)
+        out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
+        self._prepare_threads()
+        _blas_core.scatter(
+            grid_in, weight, *self._bias(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block,
+        )
+        return out
+
+    def gather(self, image_in, weight, bias, geom):
+        n, c_in = image_in.shape[:2]
+        p, q = c_in // geom.groups, weight.shape[0] // geom.groups
+        taps = int(np.prod(geom.kernel))
+        grid_cells = int(np.prod(geom.grid))
+        identity = (geom.kernel == (1, 1, 1) and geom.stride == (1, 1, 1)
+                    and geom.pad_begin == (0, 0, 0) and geom.image == geom.grid)
+        _check_blas_ints(grid_cells, p * taps, q)
+        plan = plan_tiles(n, grid_cells, 0 if identity else p * taps, q + (p if identity else 0),
+                          image_in.itemsize)
+        out = np.empty((n, q * geom.groups, *geom.grid), dtype=image_in.dtype)
+        self._prepare_threads()
+        _blas_core.gather(
+            image_in, weight, *self._bias(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity,
+        )
+        return out
+
+    def weight_grad(self, image_in, grid_in, geom):
+        n, c_img = image_in.shape[:2]
+        p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
+        taps = int(np.prod(geom.kernel))
+        grid_cells = int(np.prod(geom.grid))
+        _check_blas_ints(grid_cells, p * taps, q)
+        plan = plan_tiles(n, grid_cells, p * taps, q, image_in.itemsize)
+        out = np.empty((q * geom.groups, p, *geom.kernel), dtype=image_in.dtype)
+        self._prepare_threads()
+        _blas_core.weight_grad(
+            image_in, grid_in, out, *_spatial(geom), geom.groups,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
+        )
+        return out
+
+    @staticmethod
+    def _bias(bias, dtype):
+        if bias is None:
+            return np.empty(1, dtype=dtype), False
+        return bias, True

@@ -36,8 +36,9 @@ def set_blas_threads(n: int) -> None:
     global _current
     if _current == n:
         return
+    blas = controller().select(user_api="blas")  # outside the lock: controller() takes it
     with _lock:
-        for lib in controller().select(user_api="blas").lib_controllers:
+        for lib in blas.lib_controllers:
             lib.set_num_threads(n)
         _current = n
 

@@ -1,0 +1,471 @@
+# cython: language_level=3
+"""Compiled kernels of the ``blas`` backend: im2col gather, col2im scatter, BLAS GEMM.
+
+Every primitive walks the problem in *tiles*: a tile is ``nt`` samples times
+the grid columns ``[l0, l0 + lt)`` of each (either a slice of one sample, or
+several whole samples folded together so that small images still give the
+GEMM a wide operand). Per tile and group, one GEMM produces or consumes a
+column buffer of ``rows x tile_cols`` elements, which is scattered into the
+output (or gathered from the input) right away, while it is still in cache.
+The work buffers are allocated per call, sized by the plan the Python side
+computed (bounded, whatever the batch), so concurrent calls share nothing.
+
+Arguments arrive validated (``tconv._args``) and planned
+(``tconv._blas_backend``): C-contiguous 5-D arrays ``(N, C, D, H, W)``,
+plain ints, tiles that fit the arrays. The kernels do not re-check them,
+which is why bounds checks are off.
+"""
+
+cimport cython
+from cython cimport floating
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, memcpy
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+
+cdef struct Geom:
+    # Spatial sizes, (D, H, W) each, and the index map
+    # image = grid * stride - pad + tap * dilation.
+    Py_ssize_t image[3]
+    Py_ssize_t grid[3]
+    Py_ssize_t kernel[3]
+    Py_ssize_t stride[3]
+    Py_ssize_t dilation[3]
+    Py_ssize_t pad[3]
+    Py_ssize_t image_cells   # prod(image)
+    Py_ssize_t grid_cells    # prod(grid), "L"
+    Py_ssize_t taps          # prod(kernel), "K"
+
+
+cdef struct Tile:
+    Py_ssize_t n0, nt        # samples n0 .. n0 + nt - 1
+    Py_ssize_t l0, lt        # grid columns l0 .. l0 + lt - 1 of each sample
+    Py_ssize_t cols          # nt * lt, the GEMM's tile width
+
+
+cdef Geom make_geom(tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad):
+    cdef Geom g
+    cdef int d
+    for d in range(3):
+        g.image[d] = image[d]
+        g.grid[d] = grid[d]
+        g.kernel[d] = kernel[d]
+        g.stride[d] = stride[d]
+        g.dilation[d] = dilation[d]
+        g.pad[d] = pad[d]
+    g.image_cells = g.image[0] * g.image[1] * g.image[2]
+    g.grid_cells = g.grid[0] * g.grid[1] * g.grid[2]
+    g.taps = g.kernel[0] * g.kernel[1] * g.kernel[2]
+    return g
+
+
+# --------------------------------------------------------------------------- #
+# BLAS
+# --------------------------------------------------------------------------- #
+cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                      floating alpha, const floating* a, Py_ssize_t lda,
+                      const floating* b, Py_ssize_t ldb, floating beta,
+                      floating* c, Py_ssize_t ldc) noexcept nogil:
+    """C = alpha op(A) op(B) + beta C, in BLAS's column-major terms.
+
+    The plan keeps every size and leading dimension below 2**31 (BLAS's int).
+    """
+    cdef int im = <int>m, i_n = <int>n, ik = <int>k
+    cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
+    if floating is float:
+        sgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <float*>a, &ilda,
+              <float*>b, &ildb, &beta, c, &ildc)
+    else:
+        dgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <double*>a, &ilda,
+              <double*>b, &ildb, &beta, c, &ildc)
+
+
+# --------------------------------------------------------------------------- #
+# index helpers
+# --------------------------------------------------------------------------- #
+@cython.cdivision(True)
+cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """Floor division for b > 0 (C's / truncates towards zero)."""
+    cdef Py_ssize_t q = a / b
+    if (a % b != 0) and (a < 0):
+        q -= 1
+    return q
+
+
+cdef inline void valid_grid_range(const Geom* g, int d, Py_ssize_t tap,
+                                  Py_ssize_t* first, Py_ssize_t* last) noexcept nogil:
+    """Grid cells l of dim d whose tap lands inside the image: first <= l <= last."""
+    cdef Py_ssize_t offset = tap * g.dilation[d] - g.pad[d]
+    first[0] = -floor_div(offset, g.stride[d])          # ceil(-offset / stride)
+    if first[0] < 0:
+        first[0] = 0
+    last[0] = floor_div(g.image[d] - 1 - offset, g.stride[d])
+    if last[0] > g.grid[d] - 1:
+        last[0] = g.grid[d] - 1
+
+
+cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t cells,
+                               const floating* bias, bint has_bias) noexcept nogil:
+    """out[c, :] = bias[c] (or 0) for one sample."""
+    cdef Py_ssize_t c, i
+    cdef floating value
+    for c in range(channels):
+        if has_bias:
+            value = bias[c]
+            for i in range(cells):
+                out[c * cells + i] = value
+        else:
+            memset(out + c * cells, 0, cells * sizeof(floating))
+
+
+# --------------------------------------------------------------------------- #
+# col2im / im2col on one tile
+# --------------------------------------------------------------------------- #
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
+                         Py_ssize_t rows, floating* image, Py_ssize_t image_stride_n,
+                         Py_ssize_t image_stride_c, const Tile* t) noexcept nogil:
+    """Add a column buffer into the image.
+
+    ``cols[(c * K + tap) * tile_cols + j]`` holds channel c's contribution at
+    tap ``tap`` of tile column j; ``rows / K`` channels. Tile column
+    ``j = s * lt + (l - l0)`` is grid cell l of sample n0 + s.
+    """
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t c, kd, kh, kw, s, l, l_end, row_end, ld, lh, lw0, lw1, lw, lo, hi
+    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
+    cdef Py_ssize_t od, oh, ow0, Wg = g.grid[2], Hg = g.grid[1]
+    cdef Py_ssize_t sw = g.stride[2]
+    cdef const floating* src
+    cdef floating* dst
+    for c in range(channels):
+        for kd in range(g.kernel[0]):
+            valid_grid_range(g, 0, kd, &first_d, &last_d)
+            for kh in range(g.kernel[1]):
+                valid_grid_range(g, 1, kh, &first_h, &last_h)
+                for kw in range(g.kernel[2]):
+                    valid_grid_range(g, 2, kw, &first_w, &last_w)
+                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
+                                  + kh * g.kernel[2] + kw) * tile_cols
+                    for s in range(t.nt):
+                        dst = image + (t.n0 + s) * image_stride_n + c * image_stride_c
+                        # walk the tile's columns of this sample one grid row at a time
+                        l = t.l0
+                        l_end = t.l0 + t.lt
+                        while l < l_end:
+                            lw0 = l % Wg
+                            row_end = l - lw0 + Wg
+                            if row_end > l_end:
+                                row_end = l_end
+                            lh = (l // Wg) % Hg
+                            ld = l // (Wg * Hg)
+                            if first_d <= ld <= last_d and first_h <= lh <= last_h:
+                                lw1 = lw0 + (row_end - l)
+                                lo = lw0 if lw0 > first_w else first_w
+                                hi = lw1 if lw1 < last_w + 1 else last_w + 1
+                                od = ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]
+                                oh = lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]
+                                ow0 = -g.pad[2] + kw * g.dilation[2]
+                                for lw in range(lo, hi):
+                                    dst[(od * g.image[1] + oh) * g.image[2] + lw * sw + ow0] += \
+                                        src[s * t.lt + (l - t.l0) + (lw - lw0)]
+                            l = row_end
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_stride_n,
+                        Py_ssize_t image_stride_c, Py_ssize_t rows, floating* cols,
+                        Py_ssize_t tile_cols, const Tile* t) noexcept nogil:
+    """Fill a column buffer from the image (zeros where a tap falls outside).
+
+    The layout is the one ``col2im_scatter`` reads: row ``c * K + tap``.
+    """
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t c, kd, kh, kw, s, l, l_end, row_end, ld, lh, lw0, lw1, lw, lo, hi
+    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
+    cdef Py_ssize_t od, oh, ow0, Wg = g.grid[2], Hg = g.grid[1], j0
+    cdef Py_ssize_t sw = g.stride[2]
+    cdef const floating* src
+    cdef floating* dst
+    for c in range(channels):
+        for kd in range(g.kernel[0]):
+            valid_grid_range(g, 0, kd, &first_d, &last_d)
+            for kh in range(g.kernel[1]):
+                valid_grid_range(g, 1, kh, &first_h, &last_h)
+                for kw in range(g.kernel[2]):
+                    valid_grid_range(g, 2, kw, &first_w, &last_w)
+                    dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
+                                  + kh * g.kernel[2] + kw) * tile_cols
+                    for s in range(t.nt):
+                        src = image + (t.n0 + s) * image_stride_n + c * image_stride_c
+                        l = t.l0
+                        l_end = t.l0 + t.lt
+                        while l < l_end:
+                            lw0 = l % Wg
+                            row_end = l - lw0 + Wg
+                            if row_end > l_end:
+                                row_end = l_end
+                            lh = (l // Wg) % Hg
+                            ld = l // (Wg * Hg)
+                            lw1 = lw0 + (row_end - l)
+                            j0 = s * t.lt + (l - t.l0) - lw0   # tile column of lw = 0
+                            if first_d <= ld <= last_d and first_h <= lh <= last_h:
+                                lo = lw0 if lw0 > first_w else first_w
+                                hi = lw1 if lw1 < last_w + 1 else last_w + 1
+                                if hi < lo:
+                                    hi = lo
+                                od = ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]
+                                oh = lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]
+                                ow0 = -g.pad[2] + kw * g.dilation[2]
+                                for lw in range(lw0, lo):
+                                    dst[j0 + lw] = 0
+                                for lw in range(lo, hi):
+                                    dst[j0 + lw] = src[(od * g.image[1] + oh) * g.image[2] + lw * sw + ow0]
+                                for lw in range(hi, lw1):
+                                    dst[j0 + lw] = 0
+                            else:
+                                memset(dst + j0 + lw0, 0, (lw1 - lw0) * sizeof(floating))
+                            l = row_end
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void pack_tile(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows, Py_ssize_t row_stride,
+                    floating* dst, const Tile* t) noexcept nogil:
+    """dst[r * cols + s * lt + j] = src[(n0 + s) * stride_n + r * row_stride + l0 + j]."""
+    cdef Py_ssize_t r, s
+    for r in range(rows):
+        for s in range(t.nt):
+            memcpy(dst + r * t.cols + s * t.lt,
+                   src + (t.n0 + s) * stride_n + r * row_stride + t.l0,
+                   t.lt * sizeof(floating))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void unpack_add_tile(const floating* src, Py_ssize_t rows, floating* dst, Py_ssize_t stride_n,
+                          Py_ssize_t row_stride, const Tile* t) noexcept nogil:
+    """The inverse of pack_tile, adding into dst."""
+    cdef Py_ssize_t r, s, j
+    cdef const floating* a
+    cdef floating* b
+    for r in range(rows):
+        for s in range(t.nt):
+            a = src + r * t.cols + s * t.lt
+            b = dst + (t.n0 + s) * stride_n + r * row_stride + t.l0
+            for j in range(t.lt):
+                b[j] += a[j]
+
+
+cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_sample_tile,
+                         Py_ssize_t n_samples, Py_ssize_t grid_cells) noexcept nogil:
+    """The index-th tile of the plan (samples folded, or columns of one sample split)."""
+    cdef Tile t
+    cdef Py_ssize_t tiles_per_sample
+    if samples_per_tile > 1 or cols_per_sample_tile >= grid_cells:
+        t.n0 = index * samples_per_tile
+        t.nt = samples_per_tile if t.n0 + samples_per_tile <= n_samples else n_samples - t.n0
+        t.l0 = 0
+        t.lt = grid_cells
+    else:
+        tiles_per_sample = (grid_cells + cols_per_sample_tile - 1) // cols_per_sample_tile
+        t.n0 = index // tiles_per_sample
+        t.nt = 1
+        t.l0 = (index % tiles_per_sample) * cols_per_sample_tile
+        t.lt = cols_per_sample_tile if t.l0 + cols_per_sample_tile <= grid_cells else grid_cells - t.l0
+    t.cols = t.nt * t.lt
+    return t
+
+
+# --------------------------------------------------------------------------- #
+# the three primitives
+# --------------------------------------------------------------------------- #
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def scatter(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
+            floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
+            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
+            Py_ssize_t n_tiles, Py_ssize_t q_block):
+    """col2im: ``out = bias + scatter(grid_in, weight)`` (transposed conv forward).
+
+    Per tile, group and block of ``q_block`` output channels:
+    ``cols (q_block*K, T) = W_g[:, block]^T (q_block*K, P) @ X_tile (P, T)``,
+    then the cols are added into ``out``.
+    """
+    cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
+    cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
+    cdef Py_ssize_t P = c_in // groups, Q = weight.shape[1], K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t c_out = Q * groups
+    cdef Py_ssize_t b, gi, ti, q0, qb, i
+    cdef Tile t
+    cdef const floating* x = &grid_in[0, 0, 0, 0, 0]
+    cdef const floating* w = &weight[0, 0, 0, 0, 0]
+    cdef floating* y = &out[0, 0, 0, 0, 0]
+    cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
+    cdef const floating* operand
+    cdef Py_ssize_t ld_operand
+    cdef floating* cols = NULL
+    cdef floating* packed = NULL
+    cdef bint folded = samples_per_tile > 1
+    cdef floating one = 1, zero = 0
+
+    with nogil:
+        for b in range(n):
+            fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
+        cols = <floating*>malloc(q_block * K * cols_per_tile * sizeof(floating))
+        if folded:
+            packed = <floating*>malloc(P * cols_per_tile * sizeof(floating))
+        if cols == NULL or (folded and packed == NULL):
+            free(cols)
+            free(packed)
+            with gil:
+                raise MemoryError("tconv: could not allocate the column buffer")
+        for ti in range(n_tiles):
+            t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            for gi in range(groups):
+                if folded:
+                    pack_tile(x + gi * P * L, c_in * L, P, L, packed, &t)
+                    operand, ld_operand = packed, t.cols
+                else:
+                    operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
+                q0 = 0
+                while q0 < Q:
+                    qb = q_block if q0 + q_block <= Q else Q - q0
+                    # Column-major view of row-major buffers: X_tile (P x T, row stride
+                    # ld_operand) is the col-major (T x P) matrix; W_g (P x Q*K) is the
+                    # col-major (Q*K x P), of which rows q0*K .. (q0+qb)*K are taken and
+                    # transposed. C = cols^T, col-major (T x qb*K) = row-major (qb*K x T).
+                    gemm(c'N', c'T', t.cols, qb * K, P, one, operand, ld_operand,
+                         w + gi * P * Q * K + q0 * K, Q * K, zero, cols, t.cols)
+                    col2im_scatter(&g, cols, t.cols, qb * K,
+                                   y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
+                                   g.image_cells, &t)
+                    q0 += qb
+        free(cols)
+        free(packed)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
+           floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+           tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
+           Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
+           Py_ssize_t n_tiles, bint identity_map):
+    """im2col: ``out = bias + W_g (Q, P*K) @ cols (P*K, T)`` (regular conv forward).
+
+    ``identity_map`` (1x1 kernel, stride 1, no padding) skips im2col: the
+    image itself is the column buffer.
+    """
+    cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
+    cdef Py_ssize_t n = image_in.shape[0], c_in = image_in.shape[1]
+    cdef Py_ssize_t P = c_in // groups, K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t c_out = weight.shape[0], Q = c_out // groups
+    cdef Py_ssize_t b, gi, ti
+    cdef Tile t
+    cdef const floating* x = &image_in[0, 0, 0, 0, 0]
+    cdef const floating* w = &weight[0, 0, 0, 0, 0]
+    cdef floating* y = &out[0, 0, 0, 0, 0]
+    cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
+    cdef const floating* operand
+    cdef Py_ssize_t ld_operand
+    cdef floating* cols = NULL
+    cdef floating* result = NULL
+    cdef bint folded = samples_per_tile > 1
+    cdef floating one = 1, zero = 0
+
+    with nogil:
+        for b in range(n):
+            fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
+        if folded or not identity_map:
+            cols = <floating*>malloc(P * K * cols_per_tile * sizeof(floating))
+        if folded:
+            result = <floating*>malloc(Q * cols_per_tile * sizeof(floating))
+        if ((folded or not identity_map) and cols == NULL) or (folded and result == NULL):
+            free(cols)
+            free(result)
+            with gil:
+                raise MemoryError("tconv: could not allocate the column buffer")
+        for ti in range(n_tiles):
+            t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            for gi in range(groups):
+                if identity_map and not folded:
+                    operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
+                elif identity_map:
+                    # image cells are grid cells: packing the tile is the im2col
+                    pack_tile(x + gi * P * L, c_in * L, P, L, cols, &t)
+                    operand, ld_operand = cols, t.cols
+                else:
+                    im2col_gather(&g, x + gi * P * g.image_cells, c_in * g.image_cells,
+                                  g.image_cells, P * K, cols, t.cols, &t)
+                    operand, ld_operand = cols, t.cols
+                # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); W_g
+                # (Q x P*K, row-major) is col-major (P*K x Q). C = out^T, col-major
+                # (T x Q) = row-major (Q x T), written in place (ld L) or into `result`.
+                if not folded:
+                    gemm(c'N', c'N', t.cols, Q, P * K, one, operand, ld_operand,
+                         w + gi * Q * P * K, P * K, one,
+                         y + t.n0 * c_out * L + gi * Q * L + t.l0, L)
+                else:
+                    gemm(c'N', c'N', t.cols, Q, P * K, one, operand, ld_operand,
+                         w + gi * Q * P * K, P * K, zero, result, t.cols)
+                    unpack_add_tile(result, Q, y + gi * Q * L, c_out * L, L, &t)
+        free(cols)
+        free(result)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] grid_in,
+                floating[:, :, :, :, ::1] out,
+                tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
+                Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
+                Py_ssize_t n_tiles):
+    """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``, summed over tiles in order."""
+    cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
+    cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
+    cdef Py_ssize_t P = c_img // groups, Q = c_grid // groups, K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t gi, ti
+    cdef Tile t
+    cdef const floating* x = &image_in[0, 0, 0, 0, 0]
+    cdef const floating* dy = &grid_in[0, 0, 0, 0, 0]
+    cdef floating* gw = &out[0, 0, 0, 0, 0]
+    cdef const floating* operand
+    cdef Py_ssize_t ld_operand
+    cdef floating* cols = NULL
+    cdef floating* packed = NULL
+    cdef bint folded = samples_per_tile > 1
+    cdef floating one = 1
+
+    with nogil:
+        memset(gw, 0, groups * Q * P * K * sizeof(floating))
+        cols = <floating*>malloc(P * K * cols_per_tile * sizeof(floating))
+        if folded:
+            packed = <floating*>malloc(Q * cols_per_tile * sizeof(floating))
+        if cols == NULL or (folded and packed == NULL):
+            free(cols)
+            free(packed)
+            with gil:
+                raise MemoryError("tconv: could not allocate the column buffer")
+        for ti in range(n_tiles):
+            t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            for gi in range(groups):
+                im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
+                              g.image_cells, P * K, cols, t.cols, &t)
+                if folded:
+                    pack_tile(dy + gi * Q * L, c_grid * L, Q, L, packed, &t)
+                    operand, ld_operand = packed, t.cols
+                else:
+                    operand, ld_operand = dy + t.n0 * c_grid * L + gi * Q * L + t.l0, L
+                # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major)
+                # is col-major (T x P*K), transposed -> (P*K x T); dY_tile (Q x T, row
+                # stride ld_operand) is col-major (T x Q).
+                gemm(c'T', c'N', P * K, Q, t.cols, one, cols, t.cols, operand, ld_operand,
+                     one, gw + gi * Q * P * K, P * K)
+        free(cols)
+        free(packed)
