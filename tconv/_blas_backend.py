@@ -30,9 +30,11 @@ else:
 #: packed operand). SPEC's bound is 64 MiB; this leaves headroom.
 WORKSPACE_BYTES = int(os.environ.get("TCONV_WORKSPACE_MB", "32")) * 2**20
 
-#: A sample narrower than this many grid cells is folded with others into
-#: one GEMM; wider ones already make a wide enough GEMM on their own.
-FOLD_BELOW_COLUMNS = 1024
+#: The column buffer aims at this size: small enough to be read back from
+#: L2 cache by col2im right after the GEMM wrote it, unless that would make
+#: the GEMM narrower than MIN_GEMM_COLUMNS.
+CACHE_TILE_BYTES = 4 * 2**20
+MIN_GEMM_COLUMNS = 256
 
 _BLAS_INT_MAX = 2**31 - 1
 
@@ -65,20 +67,18 @@ def plan_tiles(n: int, grid_cells: int, rows_per_col: int, packed_rows_per_col: 
     would not fit.
     """
     budget = WORKSPACE_BYTES // itemsize
-    min_cols = min(grid_cells * n, 256)
+    min_cols = min(grid_cells * n, MIN_GEMM_COLUMNS)
     row_block = row_units
     if row_unit and rows_per_col * min_cols > budget:
         row_block = max(1, budget // min_cols // row_unit)
         rows_per_col = row_block * row_unit
-    max_cols = max(1, budget // max(1, rows_per_col))
-    if grid_cells < FOLD_BELOW_COLUMNS and n > 1:
-        per_fold = max(1, budget // max(1, rows_per_col + packed_rows_per_col))
-        samples = max(1, min(n, per_fold // grid_cells, -(-FOLD_BELOW_COLUMNS // grid_cells) * 4))
-    else:
-        samples = 1
-    if samples > 1:
+    per_col = max(1, rows_per_col + packed_rows_per_col)
+    wanted = max(min_cols, CACHE_TILE_BYTES // itemsize // per_col)
+    cols = max(1, min(wanted, budget // per_col))
+    if grid_cells < cols and n > 1:  # fold whole samples into one GEMM
+        samples = min(n, cols // grid_cells)
         return TilePlan(samples, samples * grid_cells, -(-n // samples), row_block)
-    cols = min(grid_cells, max_cols)
+    cols = min(grid_cells, cols)
     return TilePlan(1, cols, n * -(-grid_cells // cols), row_block)
 
 

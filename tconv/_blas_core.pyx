@@ -43,6 +43,13 @@ cdef struct Tile:
     Py_ssize_t cols          # nt * lt, the GEMM's tile width
 
 
+cdef struct Row:
+    # One run of a tile's columns along the grid's last dim: grid cells
+    # (d, h, lw0 .. lw1 - 1) of each sample n0 + s of the tile, at tile column
+    # s * lt + j0 + lw. Every sample of a tile has the same runs.
+    Py_ssize_t d, h, lw0, lw1, j0
+
+
 cdef Geom make_geom(tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad):
     cdef Geom g
     cdef int d
@@ -118,6 +125,92 @@ cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t ce
             memset(out + c * cells, 0, cells * sizeof(floating))
 
 
+cdef inline void add_strided(floating* dst, Py_ssize_t stride, const floating* src,
+                             Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """dst[i * stride] += src[i] for lo <= i < hi (the inner loop of col2im)."""
+    cdef Py_ssize_t i
+    if stride == 1:  # a separate loop the compiler can vectorise
+        for i in range(lo, hi):
+            dst[i] += src[i]
+    else:
+        for i in range(lo, hi):
+            dst[i * stride] += src[i]
+
+
+cdef inline void copy_strided(floating* dst, const floating* src, Py_ssize_t stride,
+                              Py_ssize_t start, Py_ssize_t lo, Py_ssize_t hi,
+                              Py_ssize_t end) noexcept nogil:
+    """dst[i] = src[i * stride] on lo <= i < hi, zero on the rest of start <= i < end."""
+    cdef Py_ssize_t i
+    if lo > end:  # the tap lands outside the image for the whole run
+        lo = end
+    if hi < lo:
+        hi = lo
+    for i in range(start, lo):
+        dst[i] = 0
+    if stride == 1:
+        for i in range(lo, hi):
+            dst[i] = src[i]
+    else:
+        for i in range(lo, hi):
+            dst[i] = src[i * stride]
+    for i in range(hi, end):
+        dst[i] = 0
+
+
+cdef inline void add_across_samples(floating* dst, Py_ssize_t dst_step, const floating* src,
+                                    Py_ssize_t src_step, Py_ssize_t count) noexcept nogil:
+    """dst[s * dst_step] += src[s * src_step] for s < count."""
+    cdef Py_ssize_t s
+    for s in range(count):
+        dst[s * dst_step] += src[s * src_step]
+
+
+cdef inline void copy_across_samples(floating* dst, Py_ssize_t dst_step, const floating* src,
+                                     Py_ssize_t src_step, Py_ssize_t count) noexcept nogil:
+    """dst[s * dst_step] = src[s * src_step] for s < count."""
+    cdef Py_ssize_t s
+    for s in range(count):
+        dst[s * dst_step] = src[s * src_step]
+
+
+@cython.cdivision(True)
+cdef Py_ssize_t tile_rows(const Geom* g, const Tile* t, Row* rows) noexcept nogil:
+    """Split one sample's share of a tile into grid rows (the divisions live here).
+
+    ``rows`` has room for ``lt // W + 2`` entries; returns how many were written.
+    """
+    cdef Py_ssize_t count = 0, l, l_end, row_end, lw0
+    cdef Py_ssize_t Wg = g.grid[2], Hg = g.grid[1]
+    l = t.l0
+    l_end = t.l0 + t.lt
+    while l < l_end:
+        lw0 = l % Wg
+        row_end = l - lw0 + Wg
+        if row_end > l_end:
+            row_end = l_end
+        rows[count].h = (l // Wg) % Hg
+        rows[count].d = l // (Wg * Hg)
+        rows[count].lw0 = lw0
+        rows[count].lw1 = lw0 + (row_end - l)
+        rows[count].j0 = (l - t.l0) - lw0
+        count += 1
+        l = row_end
+    return count
+
+
+cdef inline Py_ssize_t max_tile_rows(const Geom* g, Py_ssize_t samples_per_tile,
+                                     Py_ssize_t cols_per_tile) noexcept nogil:
+    # one sample's share: whole samples when folded, else a column range
+    cdef Py_ssize_t per_sample = cols_per_tile // samples_per_tile
+    return per_sample // g.grid[2] + 2
+
+
+cdef enum:
+    # Runs shorter than this are walked sample-innermost (same offsets, one stride).
+    SHORT_RUN = 8
+
+
 # --------------------------------------------------------------------------- #
 # col2im / im2col on one tile
 # --------------------------------------------------------------------------- #
@@ -126,21 +219,24 @@ cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t ce
 @cython.cdivision(True)
 cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
                          Py_ssize_t rows, floating* image, Py_ssize_t image_stride_n,
-                         Py_ssize_t image_stride_c, const Tile* t) noexcept nogil:
+                         Py_ssize_t image_stride_c, const Tile* t,
+                         const Row* grid_rows, Py_ssize_t n_rows) noexcept nogil:
     """Add a column buffer into the image.
 
     ``cols[(c * K + tap) * tile_cols + j]`` holds channel c's contribution at
-    tap ``tap`` of tile column j; ``rows / K`` channels. Tile column
-    ``j = s * lt + (l - l0)`` is grid cell l of sample n0 + s.
+    tap ``tap`` of tile column j; ``rows / K`` channels. ``grid_rows`` says
+    which grid cells the tile's columns are (see ``tile_rows``).
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, s, l, l_end, row_end, ld, lh, lw0, lw1, lw, lo, hi
+    cdef Py_ssize_t c, kd, kh, kw, r, s, lw, lo, hi
     cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t od, oh, ow0, Wg = g.grid[2], Hg = g.grid[1]
-    cdef Py_ssize_t sw = g.stride[2]
+    cdef Py_ssize_t ow0, sw = g.stride[2]
     cdef const floating* src
     cdef floating* dst
+    cdef floating* dst_row
+    cdef const Row* row
     for c in range(channels):
+        dst = image + c * image_stride_c
         for kd in range(g.kernel[0]):
             valid_grid_range(g, 0, kd, &first_d, &last_d)
             for kh in range(g.kernel[1]):
@@ -149,29 +245,23 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
                     valid_grid_range(g, 2, kw, &first_w, &last_w)
                     src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
                                   + kh * g.kernel[2] + kw) * tile_cols
-                    for s in range(t.nt):
-                        dst = image + (t.n0 + s) * image_stride_n + c * image_stride_c
-                        # walk the tile's columns of this sample one grid row at a time
-                        l = t.l0
-                        l_end = t.l0 + t.lt
-                        while l < l_end:
-                            lw0 = l % Wg
-                            row_end = l - lw0 + Wg
-                            if row_end > l_end:
-                                row_end = l_end
-                            lh = (l // Wg) % Hg
-                            ld = l // (Wg * Hg)
-                            if first_d <= ld <= last_d and first_h <= lh <= last_h:
-                                lw1 = lw0 + (row_end - l)
-                                lo = lw0 if lw0 > first_w else first_w
-                                hi = lw1 if lw1 < last_w + 1 else last_w + 1
-                                od = ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]
-                                oh = lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]
-                                ow0 = -g.pad[2] + kw * g.dilation[2]
-                                for lw in range(lo, hi):
-                                    dst[(od * g.image[1] + oh) * g.image[2] + lw * sw + ow0] += \
-                                        src[s * t.lt + (l - t.l0) + (lw - lw0)]
-                            l = row_end
+                    ow0 = kw * g.dilation[2] - g.pad[2]
+                    for r in range(n_rows):
+                        row = &grid_rows[r]
+                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
+                            continue
+                        lo = row.lw0 if row.lw0 > first_w else first_w
+                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
+                        dst_row = dst + t.n0 * image_stride_n + (
+                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
+                        if hi - lo >= SHORT_RUN or t.nt == 1:
+                            for s in range(t.nt):
+                                add_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi)
+                        else:  # short runs (small images): the samples make the long loop
+                            for lw in range(lo, hi):
+                                add_across_samples(dst_row + lw * sw, image_stride_n,
+                                                   src + row.j0 + lw, t.lt, t.nt)
 
 
 @cython.boundscheck(False)
@@ -179,19 +269,22 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
 @cython.cdivision(True)
 cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_stride_n,
                         Py_ssize_t image_stride_c, Py_ssize_t rows, floating* cols,
-                        Py_ssize_t tile_cols, const Tile* t) noexcept nogil:
+                        Py_ssize_t tile_cols, const Tile* t,
+                        const Row* grid_rows, Py_ssize_t n_rows) noexcept nogil:
     """Fill a column buffer from the image (zeros where a tap falls outside).
 
     The layout is the one ``col2im_scatter`` reads: row ``c * K + tap``.
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, s, l, l_end, row_end, ld, lh, lw0, lw1, lw, lo, hi
+    cdef Py_ssize_t c, kd, kh, kw, r, s, lw, lo, hi
     cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t od, oh, ow0, Wg = g.grid[2], Hg = g.grid[1], j0
-    cdef Py_ssize_t sw = g.stride[2]
+    cdef Py_ssize_t ow0, sw = g.stride[2]
     cdef const floating* src
+    cdef const floating* src_row
     cdef floating* dst
+    cdef const Row* row
     for c in range(channels):
+        src = image + c * image_stride_c
         for kd in range(g.kernel[0]):
             valid_grid_range(g, 0, kd, &first_d, &last_d)
             for kh in range(g.kernel[1]):
@@ -200,36 +293,29 @@ cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_s
                     valid_grid_range(g, 2, kw, &first_w, &last_w)
                     dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
                                   + kh * g.kernel[2] + kw) * tile_cols
-                    for s in range(t.nt):
-                        src = image + (t.n0 + s) * image_stride_n + c * image_stride_c
-                        l = t.l0
-                        l_end = t.l0 + t.lt
-                        while l < l_end:
-                            lw0 = l % Wg
-                            row_end = l - lw0 + Wg
-                            if row_end > l_end:
-                                row_end = l_end
-                            lh = (l // Wg) % Hg
-                            ld = l // (Wg * Hg)
-                            lw1 = lw0 + (row_end - l)
-                            j0 = s * t.lt + (l - t.l0) - lw0   # tile column of lw = 0
-                            if first_d <= ld <= last_d and first_h <= lh <= last_h:
-                                lo = lw0 if lw0 > first_w else first_w
-                                hi = lw1 if lw1 < last_w + 1 else last_w + 1
-                                if hi < lo:
-                                    hi = lo
-                                od = ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]
-                                oh = lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]
-                                ow0 = -g.pad[2] + kw * g.dilation[2]
-                                for lw in range(lw0, lo):
-                                    dst[j0 + lw] = 0
-                                for lw in range(lo, hi):
-                                    dst[j0 + lw] = src[(od * g.image[1] + oh) * g.image[2] + lw * sw + ow0]
-                                for lw in range(hi, lw1):
-                                    dst[j0 + lw] = 0
-                            else:
-                                memset(dst + j0 + lw0, 0, (lw1 - lw0) * sizeof(floating))
-                            l = row_end
+                    ow0 = kw * g.dilation[2] - g.pad[2]
+                    for r in range(n_rows):
+                        row = &grid_rows[r]
+                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
+                            for s in range(t.nt):
+                                memset(dst + s * t.lt + row.j0 + row.lw0, 0,
+                                       (row.lw1 - row.lw0) * sizeof(floating))
+                            continue
+                        lo = row.lw0 if row.lw0 > first_w else first_w
+                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
+                        src_row = src + t.n0 * image_stride_n + (
+                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
+                        if hi - lo >= SHORT_RUN or t.nt == 1:
+                            for s in range(t.nt):
+                                copy_strided(dst + s * t.lt + row.j0, src_row + s * image_stride_n,
+                                             sw, row.lw0, lo, hi, row.lw1)
+                        else:  # short runs (small images): the samples make the long loop
+                            for s in range(t.nt):  # zero the cells outside the image first
+                                copy_strided(dst + s * t.lt + row.j0, src_row, sw, row.lw0, lo, lo, row.lw1)
+                            for lw in range(lo, hi):
+                                copy_across_samples(dst + row.j0 + lw, t.lt, src_row + lw * sw,
+                                                    image_stride_n, t.nt)
 
 
 @cython.boundscheck(False)
@@ -281,6 +367,34 @@ cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t samples_per_tile, Py_ssize
     return t
 
 
+cdef struct Workspace:
+    # The per-call buffers: GEMM column buffer, packed operand (folded tiles
+    # only) and the tile's row descriptors.
+    void* cols
+    void* packed
+    Row* rows
+
+
+cdef int workspace_alloc(Workspace* ws, size_t cols_bytes, size_t packed_bytes,
+                         Py_ssize_t n_rows) except -1 nogil:
+    ws.cols = malloc(cols_bytes) if cols_bytes else NULL
+    ws.packed = malloc(packed_bytes) if packed_bytes else NULL
+    ws.rows = <Row*>malloc(n_rows * sizeof(Row))
+    if (cols_bytes and ws.cols == NULL) or (packed_bytes and ws.packed == NULL) or ws.rows == NULL:
+        workspace_free(ws)
+        with gil:
+            raise MemoryError(f"tconv: could not allocate {cols_bytes + packed_bytes} bytes of workspace")
+    return 0
+
+
+cdef void workspace_free(Workspace* ws) noexcept nogil:
+    free(ws.cols)
+    free(ws.packed)
+    free(ws.rows)
+    ws.cols = ws.packed = NULL
+    ws.rows = NULL
+
+
 # --------------------------------------------------------------------------- #
 # the three primitives
 # --------------------------------------------------------------------------- #
@@ -309,28 +423,26 @@ def scatter(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
     cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
-    cdef floating* cols = NULL
-    cdef floating* packed = NULL
+    cdef Workspace ws
+    cdef floating* cols
+    cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef floating one = 1, zero = 0
 
     with nogil:
         for b in range(n):
             fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
-        cols = <floating*>malloc(q_block * K * cols_per_tile * sizeof(floating))
-        if folded:
-            packed = <floating*>malloc(P * cols_per_tile * sizeof(floating))
-        if cols == NULL or (folded and packed == NULL):
-            free(cols)
-            free(packed)
-            with gil:
-                raise MemoryError("tconv: could not allocate the column buffer")
+        workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
+                        P * cols_per_tile * sizeof(floating) if folded else 0,
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+        cols = <floating*>ws.cols
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 if folded:
-                    pack_tile(x + gi * P * L, c_in * L, P, L, packed, &t)
-                    operand, ld_operand = packed, t.cols
+                    pack_tile(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, &t)
+                    operand, ld_operand = <floating*>ws.packed, t.cols
                 else:
                     operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
                 q0 = 0
@@ -344,10 +456,9 @@ def scatter(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
                          w + gi * P * Q * K + q0 * K, Q * K, zero, cols, t.cols)
                     col2im_scatter(&g, cols, t.cols, qb * K,
                                    y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
-                                   g.image_cells, &t)
+                                   g.image_cells, &t, ws.rows, n_rows)
                     q0 += qb
-        free(cols)
-        free(packed)
+        workspace_free(&ws)
 
 
 @cython.boundscheck(False)
@@ -374,25 +485,23 @@ def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
     cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
-    cdef floating* cols = NULL
-    cdef floating* result = NULL
+    cdef Workspace ws
+    cdef floating* cols
+    cdef floating* result
+    cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef floating one = 1, zero = 0
 
     with nogil:
         for b in range(n):
             fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
-        if folded or not identity_map:
-            cols = <floating*>malloc(P * K * cols_per_tile * sizeof(floating))
-        if folded:
-            result = <floating*>malloc(Q * cols_per_tile * sizeof(floating))
-        if ((folded or not identity_map) and cols == NULL) or (folded and result == NULL):
-            free(cols)
-            free(result)
-            with gil:
-                raise MemoryError("tconv: could not allocate the column buffer")
+        workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating) if folded or not identity_map else 0,
+                        Q * cols_per_tile * sizeof(floating) if folded else 0,
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+        cols, result = <floating*>ws.cols, <floating*>ws.packed
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 if identity_map and not folded:
                     operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
@@ -402,7 +511,7 @@ def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
                     operand, ld_operand = cols, t.cols
                 else:
                     im2col_gather(&g, x + gi * P * g.image_cells, c_in * g.image_cells,
-                                  g.image_cells, P * K, cols, t.cols, &t)
+                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
                     operand, ld_operand = cols, t.cols
                 # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); W_g
                 # (Q x P*K, row-major) is col-major (P*K x Q). C = out^T, col-major
@@ -415,8 +524,7 @@ def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
                     gemm(c'N', c'N', t.cols, Q, P * K, one, operand, ld_operand,
                          w + gi * Q * P * K, P * K, zero, result, t.cols)
                     unpack_add_tile(result, Q, y + gi * Q * L, c_out * L, L, &t)
-        free(cols)
-        free(result)
+        workspace_free(&ws)
 
 
 @cython.boundscheck(False)
@@ -437,29 +545,27 @@ def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] gr
     cdef floating* gw = &out[0, 0, 0, 0, 0]
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
-    cdef floating* cols = NULL
-    cdef floating* packed = NULL
+    cdef Workspace ws
+    cdef floating* cols
+    cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef floating one = 1
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
-        cols = <floating*>malloc(P * K * cols_per_tile * sizeof(floating))
-        if folded:
-            packed = <floating*>malloc(Q * cols_per_tile * sizeof(floating))
-        if cols == NULL or (folded and packed == NULL):
-            free(cols)
-            free(packed)
-            with gil:
-                raise MemoryError("tconv: could not allocate the column buffer")
+        workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
+                        Q * cols_per_tile * sizeof(floating) if folded else 0,
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+        cols = <floating*>ws.cols
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
-                              g.image_cells, P * K, cols, t.cols, &t)
+                              g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
                 if folded:
-                    pack_tile(dy + gi * Q * L, c_grid * L, Q, L, packed, &t)
-                    operand, ld_operand = packed, t.cols
+                    pack_tile(dy + gi * Q * L, c_grid * L, Q, L, <floating*>ws.packed, &t)
+                    operand, ld_operand = <floating*>ws.packed, t.cols
                 else:
                     operand, ld_operand = dy + t.n0 * c_grid * L + gi * Q * L + t.l0, L
                 # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major)
@@ -467,5 +573,4 @@ def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] gr
                 # stride ld_operand) is col-major (T x Q).
                 gemm(c'T', c'N', P * K, Q, t.cols, one, cols, t.cols, operand, ld_operand,
                      one, gw + gi * Q * P * K, P * K)
-        free(cols)
-        free(packed)
+        workspace_free(&ws)
