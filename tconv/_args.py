@@ -28,28 +28,53 @@ _DIM_NAMES = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """One validated call, ready for a backend."""
+class CallPlan:
+    """Everything a call's arguments determine, except the arrays themselves.
 
-    backend: Backend
+    Computed once per distinct (shapes, dtypes, arguments) and cached, so that
+    a layer called in a loop pays for validation once.
+    """
+
+    fname: str
     geom: Geometry
-    x: Any  # 5-D, C-contiguous, compute dtype
-    weight: Any
-    bias: Any  # 1-D or None
-    grad_output: Any  # 5-D or None (backward only)
+    x5: tuple[int, ...]  # the 5-D shapes the kernels see
+    weight5: tuple[int, ...]
+    out5: tuple[int, ...]
     out_shape: tuple[int, ...]  # the user-facing shapes: forward output, x, weight
     x_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
+    compute_dtype: np.dtype
     result_dtype: np.dtype
     user_numpy: bool
-    fname: str
+
+
+class Prepared:
+    """One validated call, ready for a backend: its plan and its normalised arrays.
+
+    (A plain slotted class: it is built on every call, and a frozen
+    dataclass costs microseconds there.)
+    """
+
+    __slots__ = ("plan", "backend", "x", "weight", "bias", "grad_output")
+
+    def __init__(self, plan: CallPlan, backend: Backend, x, weight, bias, grad_output):
+        self.plan = plan
+        self.backend = backend
+        self.x = x  # 5-D, C-contiguous, compute dtype
+        self.weight = weight
+        self.bias = bias  # 1-D or None
+        self.grad_output = grad_output  # 5-D or None (backward only)
+
+    @property
+    def geom(self) -> Geometry:
+        return self.plan.geom
 
     def finish(self, array, user_shape: tuple[int, ...]):
         """Kernel result -> the user's shape, dtype and array kind."""
         array = array.reshape(user_shape)
-        if array.dtype != self.result_dtype:
-            array = array.astype(self.result_dtype)
-        return self.backend.to_user(array, self.user_numpy)
+        if array.dtype != self.plan.result_dtype:
+            array = array.astype(self.plan.result_dtype)
+        return self.backend.to_user(array, self.plan.user_numpy)
 
 
 def _as_array(value, name: str, fname: str, backend: Backend, optional: bool = False):
@@ -100,6 +125,21 @@ def _lift(sizes: tuple[int, ...], fill: int) -> tuple[int, int, int]:
     return (fill,) * (3 - len(sizes)) + tuple(sizes)
 
 
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 512
+
+
+def _plain(value) -> bool:
+    """Whether an argument is an exact int, str or (nested) tuple of them: safe as a cache key.
+
+    (``2.0 == 2`` and ``True == 1`` hash alike, but must still be rejected.)
+    """
+    kind = type(value)
+    if kind is int or kind is str or value is None:
+        return True
+    return kind is tuple and all(_plain(v) for v in value)
+
+
 def prepare(
     *,
     transposed: bool,
@@ -118,15 +158,53 @@ def prepare(
     backend: str | None = None,
 ) -> Prepared:
     """Validate one call and normalise it for a backend (see module docstring)."""
-    fname = ("conv_transpose" if transposed else "conv") + f"{ndim}d" + ("_backward" if backward else "")
     engine = resolve_backend(backend)
+    arrays = (x, weight, bias, grad_output)
+    key = None
+    if all(a is None or type(a) is np.ndarray or engine.is_native(a) for a in arrays) and _plain(
+        (stride, padding, output_padding, groups, dilation, output_size)
+    ):
+        key = (transposed, ndim, backward, engine.name,
+               *((None,) if a is None else (type(a), a.shape, a.dtype) for a in arrays),
+               stride, padding, output_padding, groups, dilation, output_size)
+        plan = _PLAN_CACHE.get(key)
+        if plan is not None:
+            return _bind(plan, engine, *arrays)
 
+    fname = ("conv_transpose" if transposed else "conv") + f"{ndim}d" + ("_backward" if backward else "")
     x = _as_array(x, "x", fname, engine)
     weight = _as_array(weight, "weight", fname, engine)
     bias = _as_array(bias, "bias", fname, engine, optional=True)
     if backward:
         grad_output = _as_array(grad_output, "grad_output", fname, engine)
-    user_numpy = not any(engine.is_native(a) and not isinstance(a, np.ndarray) for a in (x, weight, bias, grad_output) if a is not None)
+    plan = _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, output_padding,
+                 groups, dilation, output_size, grad_output, backward)
+    if key is not None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = plan
+    return _bind(plan, engine, x, weight, bias, grad_output)
+
+
+def _bind(plan: CallPlan, engine: Backend, x, weight, bias, grad_output) -> Prepared:
+    dtype = plan.compute_dtype
+    return Prepared(
+        plan,
+        engine,
+        engine.asarray(x, dtype).reshape(plan.x5),
+        engine.asarray(weight, dtype).reshape(plan.weight5),
+        None if bias is None else engine.asarray(bias, dtype),
+        None if grad_output is None else engine.asarray(grad_output, dtype).reshape(plan.out5),
+    )
+
+
+def _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, output_padding,
+          groups, dilation, output_size, grad_output, backward) -> CallPlan:
+    """All the checks and size computations of one call (the slow path, cached by ``prepare``)."""
+    user_numpy = not any(
+        engine.is_native(a) and not isinstance(a, np.ndarray)
+        for a in (x, weight, bias, grad_output) if a is not None
+    )
     compute_dtype, result_dtype = _dtypes(fname, x, weight, bias, grad_output)
 
     # ---- ranks and channels ------------------------------------------------
@@ -257,26 +335,22 @@ def prepare(
         groups=groups,
     )
 
-    if backward:
-        expected = (n, c_out, *out_spatial) if batched else (c_out, *out_spatial)
-        if tuple(grad_output.shape) != expected:
-            raise ValueError(
-                f"{fname}: grad_output must have the forward output's shape {expected}, "
-                f"got {tuple(grad_output.shape)}"
-            )
-        grad_output = engine.asarray(grad_output, compute_dtype).reshape(n, c_out, *_lift(out_spatial, 1))
-
-    return Prepared(
-        backend=engine,
+    out_shape = (n, c_out, *out_spatial) if batched else (c_out, *out_spatial)
+    if backward and tuple(grad_output.shape) != out_shape:
+        raise ValueError(
+            f"{fname}: grad_output must have the forward output's shape {out_shape}, "
+            f"got {tuple(grad_output.shape)}"
+        )
+    return CallPlan(
+        fname=fname,
         geom=geom,
-        x=engine.asarray(x, compute_dtype).reshape(n, c_in, *_lift(in_spatial, 1)),
-        weight=engine.asarray(weight, compute_dtype).reshape(*weight.shape[:2], *_lift(kernel, 1)),
-        bias=None if bias is None else engine.asarray(bias, compute_dtype),
-        grad_output=grad_output,
-        out_shape=(n, c_out, *out_spatial) if batched else (c_out, *out_spatial),
+        x5=(n, c_in, *_lift(in_spatial, 1)),
+        weight5=(*weight.shape[:2], *_lift(kernel, 1)),
+        out5=(n, c_out, *_lift(out_spatial, 1)),
+        out_shape=out_shape,
         x_shape=tuple(x.shape),
         weight_shape=tuple(weight.shape),
+        compute_dtype=compute_dtype,
         result_dtype=result_dtype,
         user_numpy=user_numpy,
-        fname=fname,
     )

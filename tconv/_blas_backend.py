@@ -9,6 +9,8 @@ call, so concurrent calls from several threads share no state.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -94,6 +96,34 @@ def _spatial(geom: Geometry) -> tuple:
     return (geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin)
 
 
+# The plans depend on sizes only: cached, so a layer called in a loop plans once.
+@functools.lru_cache(maxsize=512)
+def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TilePlan:
+    """Tiles of ``cols (q*K, T) = W^T X``: K rows per output channel, P packed rows."""
+    taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
+    _check_blas_ints(grid_cells, q * taps, p)
+    return plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
+
+
+@functools.lru_cache(maxsize=512)
+def gather_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> tuple[TilePlan, bool]:
+    """Tiles of ``out (Q, T) = W cols``, and whether im2col is the identity (1x1 conv)."""
+    taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
+    identity = (geom.kernel == (1, 1, 1) and geom.stride == (1, 1, 1)
+                and geom.pad_begin == (0, 0, 0) and geom.image == geom.grid)
+    _check_blas_ints(grid_cells, p * taps, q)
+    plan = plan_tiles(n, grid_cells, 0 if identity else p * taps, q + (p if identity else 0), itemsize)
+    return plan, identity
+
+
+@functools.lru_cache(maxsize=512)
+def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TilePlan:
+    """Tiles of ``gw (Q, P*K) += dY cols^T``."""
+    taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
+    _check_blas_ints(grid_cells, p * taps, q)
+    return plan_tiles(n, grid_cells, p * taps, q, itemsize)
+
+
 class BlasBackend(Backend):
     name = "blas"
     description = "compiled core: Cython im2col/col2im + BLAS GEMM (scipy.linalg.cython_blas)"
@@ -102,38 +132,26 @@ class BlasBackend(Backend):
     def availability(self) -> tuple[bool, str]:
         return (_blas_core is not None), _IMPORT_ERROR
 
-    def _prepare_threads(self) -> None:
-        _threads.set_blas_threads(get_num_threads())
-
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]
-        p, q = c_in // geom.groups, weight.shape[1]
-        taps = int(np.prod(geom.kernel))
-        grid_cells = int(np.prod(geom.grid))
-        _check_blas_ints(grid_cells, q * taps, p)
-        plan = plan_tiles(n, grid_cells, q * taps, p, grid_in.itemsize, row_unit=taps, row_units=q)
+        q = weight.shape[1]
+        plan = scatter_plan(geom, n, c_in // geom.groups, q, grid_in.itemsize)
         out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
-        self._prepare_threads()
+        _threads.set_blas_threads(get_num_threads())
         _blas_core.scatter(
-            grid_in, weight, *self._bias(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
+            grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block,
         )
         return out
 
     def gather(self, image_in, weight, bias, geom):
         n, c_in = image_in.shape[:2]
-        p, q = c_in // geom.groups, weight.shape[0] // geom.groups
-        taps = int(np.prod(geom.kernel))
-        grid_cells = int(np.prod(geom.grid))
-        identity = (geom.kernel == (1, 1, 1) and geom.stride == (1, 1, 1)
-                    and geom.pad_begin == (0, 0, 0) and geom.image == geom.grid)
-        _check_blas_ints(grid_cells, p * taps, q)
-        plan = plan_tiles(n, grid_cells, 0 if identity else p * taps, q + (p if identity else 0),
-                          image_in.itemsize)
-        out = np.empty((n, q * geom.groups, *geom.grid), dtype=image_in.dtype)
-        self._prepare_threads()
+        q = weight.shape[0] // geom.groups
+        plan, identity = gather_plan(geom, n, c_in // geom.groups, q, image_in.itemsize)
+        out = np.empty((n, weight.shape[0], *geom.grid), dtype=image_in.dtype)
+        _threads.set_blas_threads(get_num_threads())
         _blas_core.gather(
-            image_in, weight, *self._bias(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
+            image_in, weight, *_bias_arg(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity,
         )
         return out
@@ -141,20 +159,21 @@ class BlasBackend(Backend):
     def weight_grad(self, image_in, grid_in, geom):
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
-        taps = int(np.prod(geom.kernel))
-        grid_cells = int(np.prod(geom.grid))
-        _check_blas_ints(grid_cells, p * taps, q)
-        plan = plan_tiles(n, grid_cells, p * taps, q, image_in.itemsize)
+        plan = weight_grad_plan(geom, n, p, q, image_in.itemsize)
         out = np.empty((q * geom.groups, p, *geom.kernel), dtype=image_in.dtype)
-        self._prepare_threads()
+        _threads.set_blas_threads(get_num_threads())
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
         )
         return out
 
-    @staticmethod
-    def _bias(bias, dtype):
-        if bias is None:
-            return np.empty(1, dtype=dtype), False
-        return bias, True
+
+_NO_BIAS = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
+
+
+def _bias_arg(bias, dtype):
+    """(bias buffer, has_bias): the kernels take a buffer either way."""
+    if bias is None:
+        return _NO_BIAS[dtype], False
+    return bias, True

@@ -37,13 +37,6 @@ def _zeros(call, shape5, bias=None):
     return out
 
 
-def _lift5(shape, ndim):
-    """A user shape (batched or not) as the 5-D shape the kernels use."""
-    shape = tuple(shape)
-    lead = shape[: len(shape) - ndim]
-    return ((1,) * (2 - len(lead))) + lead + (1,) * (3 - ndim) + shape[len(shape) - ndim:]
-
-
 def _forward(transposed: bool, ndim: int, x, weight, bias, stride, padding, output_padding,
              groups, dilation, output_size, backend):
     call = prepare(
@@ -52,12 +45,12 @@ def _forward(transposed: bool, ndim: int, x, weight, bias, stride, padding, outp
         output_size=output_size, backend=backend,
     )
     if call.x.size == 0 or call.weight.size == 0:
-        out = _zeros(call, _lift5(call.out_shape, ndim), call.bias)
+        out = _zeros(call, call.plan.out5, call.bias)
     elif transposed:
         out = call.backend.scatter(call.x, call.weight, call.bias, call.geom)
     else:
         out = call.backend.gather(call.x, call.weight, call.bias, call.geom)
-    return call.finish(out, call.out_shape)
+    return call.finish(out, call.plan.out_shape)
 
 
 def _check_needs(needs, fname):
@@ -91,7 +84,7 @@ def _backward(transposed: bool, ndim: int, grad_output, x, weight, stride, paddi
             grad_x = engine.gather(dy, call.weight, None, geom)
         else:
             grad_x = engine.scatter(dy, call.weight, None, geom)
-        grad_x = call.finish(grad_x, call.x_shape)
+        grad_x = call.finish(grad_x, call.plan.x_shape)
     if "weight" in needs:
         if empty:
             grad_w = _zeros(call, call.weight.shape)
@@ -99,9 +92,9 @@ def _backward(transposed: bool, ndim: int, grad_output, x, weight, stride, paddi
             grad_w = engine.weight_grad(dy, call.x, geom)
         else:
             grad_w = engine.weight_grad(call.x, dy, geom)
-        grad_w = call.finish(grad_w, call.weight_shape)
+        grad_w = call.finish(grad_w, call.plan.weight_shape)
     if "bias" in needs:
-        grad_b = call.finish(dy.sum(axis=(0, 2, 3, 4)), call.out_shape[-ndim - 1 : -ndim])
+        grad_b = call.finish(dy.sum(axis=(0, 2, 3, 4)), call.plan.out_shape[-ndim - 1 : -ndim])
     return grad_x, grad_w, grad_b
 
 

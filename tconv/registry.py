@@ -68,8 +68,15 @@ class _Entry:
     name: str
     backend: Backend | None
     load_error: str = ""
+    _info: BackendInfo | None = None
 
     def info(self) -> BackendInfo:
+        """What the backend says of itself; asked once per process (it cannot change)."""
+        if self._info is None:
+            self._info = self._ask()
+        return self._info
+
+    def _ask(self) -> BackendInfo:
         if self.backend is None:
             return BackendInfo(self.name, False, self.load_error, "")
         try:
@@ -127,9 +134,10 @@ def _registry() -> dict[str, _Entry]:
 
 def reload_backends() -> None:
     """Forget what was discovered; the next call scans the entry points again."""
-    global _entries
+    global _entries, _default_cache
     with _lock:
         _entries = None
+        _default_cache = None
 
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
@@ -137,9 +145,11 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
 
     Installed plugins should use the ``tconv.backends`` entry-point group instead.
     """
+    global _default_cache
     entries = _registry()
     with _lock:
         entries[name or backend.name] = _Entry(name or backend.name, backend)
+        _default_cache = None
 
 
 def list_backends() -> list[BackendInfo]:
@@ -160,37 +170,44 @@ def _available_names() -> list[str]:
 def _checked(name: str, source: str) -> Backend:
     if not isinstance(name, str):
         raise BackendError(f"{source} must be a backend name (str), got {name!r}")
-    entries = _registry()
+    entry = _registry().get(name)
+    if entry is not None and entry.info().available:
+        return entry.backend
     available = ", ".join(_available_names()) or "none"
-    entry = entries.get(name)
     if entry is None:
         raise BackendError(
             f"unknown backend {name!r} (from {source}); available backends: {available}"
         )
-    info = entry.info()
-    if not info.available:
-        raise BackendError(
-            f"backend {name!r} (from {source}) cannot run here: {info.reason}; "
-            f"available backends: {available}"
-        )
-    return entry.backend
+    raise BackendError(
+        f"backend {name!r} (from {source}) cannot run here: {entry.info().reason}; "
+        f"available backends: {available}"
+    )
+
+
+_default_cache: tuple[str, str] | None = None  # (TCONV_BACKEND as read, name chosen)
 
 
 def _default_name() -> str:
+    global _default_cache
     env = os.environ.get("TCONV_BACKEND", "").strip()
+    cached = _default_cache
+    if cached is not None and cached[0] == env:
+        return cached[1]
     if env:
         _checked(env, "TCONV_BACKEND")
-        return env
-    best, best_priority = None, None
-    for entry in _registry().values():
-        backend = entry.backend
-        if backend is None or backend.default_priority is None:
-            continue
-        if (best_priority is None or backend.default_priority > best_priority) and entry.info().available:
-            best, best_priority = entry.name, backend.default_priority
-    if best is None:
-        raise BackendError("no backend can run here; see tconv.list_backends()")
-    return best
+        chosen = env
+    else:
+        ranked = [
+            (entry.backend.default_priority, entry.name)
+            for entry in _registry().values()
+            if entry.backend is not None and entry.backend.default_priority is not None
+            and entry.info().available
+        ]
+        if not ranked:
+            raise BackendError("no backend can run here; see tconv.list_backends()")
+        chosen = max(ranked)[1]
+    _default_cache = (env, chosen)
+    return chosen
 
 
 def get_backend() -> str:

@@ -303,7 +303,12 @@ def output_padding_for(
 # the inverse question: which layers map size A to size B?
 # --------------------------------------------------------------------------- #
 class Solution(tuple):
-    """One (kernel, stride, padding, output_padding) choice, per dim."""
+    """One (kernel, stride, padding, output_padding) choice for one spatial dim.
+
+    A tuple, so it unpacks and compares as one; ``repr`` is the short form
+    used in the docs and by ``python -m tconv explain --from/--to``
+    (``k4 s2 p1``: defaults are left out).
+    """
 
     __slots__ = ()
 
@@ -315,6 +320,15 @@ class Solution(tuple):
     padding = property(operator.itemgetter(2))
     output_padding = property(operator.itemgetter(3))
 
+    def as_kwargs(self) -> dict[str, int]:
+        """The layer arguments, defaults left out: ``{"kernel_size": 4, "stride": 2, "padding": 1}``."""
+        kwargs = {"kernel_size": self.kernel, "stride": self.stride}
+        if self.padding:
+            kwargs["padding"] = self.padding
+        if self.output_padding:
+            kwargs["output_padding"] = self.output_padding
+        return kwargs
+
     def __repr__(self) -> str:
         parts = [f"k{self.kernel}", f"s{self.stride}"]
         if self.padding:
@@ -324,49 +338,81 @@ class Solution(tuple):
         return " ".join(parts)
 
 
+def _simplicity(solution: Solution, ratio: float) -> tuple:
+    """Sort key of :func:`solve`: smaller is simpler.
+
+    First the stride nearest the size ratio (the stride does the upsampling;
+    the kernel only fills the gaps), then the fewest cells computed and thrown
+    away or added (kernel + padding + output_padding), then the fewest
+    non-default knobs, then the smaller kernel.
+    """
+    kernel, stride, padding, output_padding = solution
+    knobs = bool(padding) + bool(output_padding)
+    return (abs(stride - ratio), kernel + padding + output_padding, knobs, kernel)
+
+
 def solve(
     input_size: int,
     output_size: int,
     *,
     max_kernel: int = 16,
     max_stride: int = 8,
-    limit: int = 10,
+    limit: int | None = 10,
 ) -> list[Solution]:
-    """List common transposed-convolution settings mapping ``input_size`` to ``output_size``.
+    """Common transposed-convolution settings mapping ``input_size`` to ``output_size``.
 
-    Searches kernels ``1..max_kernel``, strides ``1..max_stride``, symmetric
-    padding and the legal ``output_padding`` (dilation 1), keeps the ones the
-    formula confirms, simplest first (fewest non-default knobs, then the
-    smallest kernel).
+    One spatial dim, dilation 1, symmetric padding. Searches kernels
+    ``1..max_kernel`` and strides ``1..max_stride``; keeps a kernel no smaller
+    than the stride (a smaller one leaves output cells no input reaches), a
+    padding smaller than the kernel (a wider crop throws whole input cells
+    away) and an ``output_padding`` smaller than the stride (PyTorch's rule).
+    With ``input_size == 1`` the stride has no effect, so only stride 1 is
+    listed. Each answer is confirmed by :func:`conv_transpose_output_size`.
+
+    Parameters
+    ----------
+    input_size, output_size : int
+        Positive sizes of one spatial dim.
+    max_kernel, max_stride : int
+        The search bounds.
+    limit : int or None
+        Return at most this many (None: all).
+
+    Returns
+    -------
+    list of Solution
+        Simplest first: the stride nearest ``output_size / input_size``, then
+        the smallest ``kernel + padding + output_padding``, then the fewest
+        non-default arguments.
 
     Examples
     --------
     >>> solve(7, 14)[:3]
     [k2 s2, k4 s2 p1, k3 s2 p1 op1]
+    >>> solve(1, 4)[0]
+    k4 s1
     """
     inp = as_int(input_size, "input_size")
     out = as_int(output_size, "output_size")
     if inp < 1 or out < 1:
         raise ValueError(f"sizes must be positive, got input_size={inp}, output_size={out}")
+    for value, name in ((max_kernel, "max_kernel"), (max_stride, "max_stride")):
+        if as_int(value, name) < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     found = []
-    for stride in range(1, max_stride + 1):
-        for kernel in range(stride, max_kernel + 1):  # kernel < stride leaves holes
-            # out = (in-1)*s - 2p + k + op  =>  2p - op = (in-1)*s + k - out
-            diff = (inp - 1) * stride + kernel - out
-            for op in range(0, stride):
-                if (diff + op) % 2 or diff + op < 0:
+    for stride in range(1, (1 if inp == 1 else max_stride) + 1):
+        for kernel in range(stride, max_kernel + 1):
+            # out = (in - 1) * s - 2p + k + op   =>   2p = (in - 1) * s + k + op - out
+            for op in range(stride):
+                twice_pad = (inp - 1) * stride + kernel + op - out
+                if twice_pad < 0 or twice_pad % 2:
                     continue
-                pad = (diff + op) // 2
-                if pad >= kernel:  # a crop wider than the kernel throws away whole inputs
+                pad = twice_pad // 2
+                if pad >= kernel:
                     continue
                 if conv_transpose_output_size(inp, kernel, stride, pad, op)[0] != out:
                     continue  # pragma: no cover - the algebra above is the formula
                 found.append(Solution(kernel, stride, pad, op))
-    # simplest first: the stride closest to the size ratio, then fewer extra knobs, then kernel
     ratio = out / inp
-
-    def cost(s: Solution):
-        return (abs(s.stride - ratio), bool(s.padding) + bool(s.output_padding), s.kernel)
-
-    found.sort(key=cost)
-    return found[:limit]
+    found.sort(key=lambda s: _simplicity(s, ratio))
+    return found if limit is None else found[:limit]
