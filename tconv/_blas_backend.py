@@ -135,6 +135,13 @@ class BlasBackend(Backend):
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]
         q = weight.shape[1]
+        if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
+                and geom.dilation == (1, 1, 1)):
+            _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
+            out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
+            _threads.set_blas_threads(get_num_threads())
+            _blas_core.scatter_single_cell(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, geom.groups)
+            return out
         plan = scatter_plan(geom, n, c_in // geom.groups, q, grid_in.itemsize)
         out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
         _threads.set_blas_threads(get_num_threads())

@@ -574,3 +574,32 @@ def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] gr
                 gemm(c'T', c'N', P * K, Q, t.cols, one, cols, t.cols, operand, ld_operand,
                      one, gw + gi * Q * P * K, P * K)
         workspace_free(&ws)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def scatter_single_cell(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
+                        floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+                        Py_ssize_t groups):
+    """Transposed conv of a one-cell grid whose output is exactly the kernel (no
+    padding, dilation 1), e.g. a generator's first layer: no col2im at all,
+    ``out[n, group] = x[n, group] @ W_group`` is one GEMM per group.
+    """
+    cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
+    cdef Py_ssize_t P = c_in // groups, QK = weight.shape[1] * weight.shape[2] * weight.shape[3] * weight.shape[4]
+    cdef Py_ssize_t K = weight.shape[2] * weight.shape[3] * weight.shape[4]
+    cdef Py_ssize_t b, gi
+    cdef const floating* x = &grid_in[0, 0, 0, 0, 0]
+    cdef const floating* w = &weight[0, 0, 0, 0, 0]
+    cdef floating* y = &out[0, 0, 0, 0, 0]
+    cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
+    cdef floating one = 1
+    with nogil:
+        for b in range(n):
+            fill_channels(y + b * groups * QK, groups * (QK // K), K, bias_ptr, has_bias)
+        for gi in range(groups):
+            # Column-major: W_g (P x QK, row-major) is col-major (QK x P); x (N x C_in,
+            # row-major) is col-major (C_in x N), rows gi*P.. taken; C = out^T, col-major
+            # (QK x N) with ld groups*QK, i.e. out[n, gi*QK + j].
+            gemm(c'N', c'N', QK, n, P, one, w + gi * P * QK, QK, x + gi * P, c_in,
+                 one, y + gi * QK, groups * QK)
