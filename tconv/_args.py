@@ -313,9 +313,9 @@ def _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, out
             )
 
     if transposed:
-        out_spatial = shape.conv_transpose_output_size(in_spatial, kernel, stride, pads, output_padding, dilation)
+        out_spatial = shape.transposed_size(in_spatial, kernel, stride, pad_begin, pad_end, output_padding, dilation)
     else:
-        out_spatial = shape.conv_output_size(in_spatial, kernel, stride, pads, dilation)
+        out_spatial = shape.regular_size(in_spatial, kernel, stride, pad_begin, pad_end, dilation)
     if min(out_spatial) < 1:
         raise ValueError(
             f"{fname}: output size {out_spatial} is below 1 for input size {in_spatial}, "

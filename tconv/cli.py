@@ -114,7 +114,7 @@ def parse_values(text: str, option: str) -> np.ndarray:
     return array
 
 
-def _broadcast(values: tuple[int, ...] | None, ndim: int):
+def _broadcast(values: tuple[int, ...] | None):
     """One value -> an int (the API spreads it); several -> the tuple as given."""
     if values is None:
         return None
@@ -290,7 +290,9 @@ def _use_color(args, stream) -> bool:
 
 
 def _can_print_unicode(stream) -> bool:
-    encoding = getattr(stream, "encoding", None) or "ascii"
+    encoding = getattr(stream, "encoding", None)
+    if encoding is None:  # a text buffer (io.StringIO): no bytes, no limits
+        return True
     try:
         "·─│┌┐└┘".encode(encoding)
         return True
@@ -319,6 +321,8 @@ def _explain(args, out, err) -> int:
         target = parse_sizes(args.target, "--to")
         ndim = max(len(source), len(target))
         source, target = _spread(source, ndim, "--from"), _spread(target, ndim, "--to")
+        if args.limit < 1:
+            raise UsageError(f"--limit must be a positive integer, got {args.limit}")
         if min(source + target) < 1:
             raise UsageError(f"--from and --to sizes must be positive, got {args.source!r} and {args.target!r}")
         print(explain.render_solutions(source, target, limit=args.limit), file=out)
@@ -344,9 +348,9 @@ def _explain(args, out, err) -> int:
 
     try:
         layer = explain.analyse(
-            input_size, kernel_size, stride=_broadcast(args.stride, ndim), padding=args.padding,
-            output_padding=_broadcast(args.output_padding, ndim),
-            dilation=_broadcast(args.dilation, ndim), output_size=output_size,
+            input_size, kernel_size, stride=_broadcast(args.stride), padding=args.padding,
+            output_padding=_broadcast(args.output_padding),
+            dilation=_broadcast(args.dilation), output_size=output_size,
         )
     except (ValueError, TypeError) as exc:
         return _api_error(exc, err)
@@ -392,6 +396,9 @@ def _explain(args, out, err) -> int:
         except ImportError:
             print("error: --png needs matplotlib, which is not installed; install it with\n"
                   "    pip install matplotlib      (or: pip install 'tconv[plot]')", file=err)
+            return 1
+        except OSError as exc:
+            print(f"error: --png: cannot write {args.png!r}: {exc}", file=err)
             return 1
         print(f"\nWrote {args.png}", file=out)
     return status

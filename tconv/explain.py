@@ -492,6 +492,22 @@ class _Paint:
         return f"38;5;{colour}"
 
 
+def input_colour(flat: int, input_size: tuple[int, int, int]) -> int:
+    """The xterm-256 colour of input cell ``flat`` (row by row) of a lifted 3-D input.
+
+    The palette in order, so small inputs get distinct colours; where a row
+    (or a slice) is a whole number of palettes long, each row (slice) shifts
+    by one, so that no two neighbours ever share a colour.
+    """
+    _, height, width = input_size
+    depth_index, rest = divmod(flat, height * width)
+    row = rest // width
+    shift = (row if width % len(PALETTE) == 0 else 0) + (
+        depth_index if (height * width) % len(PALETTE) == 0 else 0
+    )
+    return PALETTE[(flat + shift) % len(PALETTE)]
+
+
 def _content(fp: Footprint, cell, names: list[str] | None, glyphs: Glyphs) -> str:
     who = fp.landing.get(cell, ())
     if not who:
@@ -505,11 +521,11 @@ def _cell_style(fp: Footprint, cell, paint: _Paint) -> str | None:
     who = fp.landing.get(cell, ())
     kind = fp.kind(cell)
     if kind == "crop":  # computed then dropped: the colour only in the letters
-        return paint.fg(PALETTE[who[0] % len(PALETTE)]) if len(who) == 1 else paint.fg(240)
+        return paint.fg(input_colour(who[0], fp.input_size)) if len(who) == 1 else paint.fg(240)
     if not who:
         return f"1;{paint.fg(ADDED_COLOUR)}" if kind == "added" else paint.fg(MUTED_COLOUR)
     if len(who) == 1:
-        return paint.block(PALETTE[who[0] % len(PALETTE)])
+        return paint.block(input_colour(who[0], fp.input_size))
     return paint.block(GREYS[min(len(who), 5) - 2])
 
 
@@ -589,7 +605,7 @@ def _input_lines(fp: Footprint, names: list[str], paint: _Paint) -> list[str]:
             cells = []
             for c in range(width):
                 flat = (z * height + r) * width + c
-                cells.append(paint(f" {names[flat]} ", paint.block(PALETTE[flat % len(PALETTE)])))
+                cells.append(paint(f" {names[flat]} ", paint.block(input_colour(flat, fp.input_size))))
             lines.append(("    " + " ".join(cells)).rstrip())
     return lines
 
@@ -789,12 +805,17 @@ def render_solutions(sources: Sequence[int], targets: Sequence[int], *, limit: i
             if b < a:
                 lines.append("  A transposed convolution grows its input; to shrink, use a regular convolution.")
             continue
+        rows = []
         for sol in found:
             k, s, p, o = sol
-            got = shape.conv_transpose_output_size(a, k, s, p, o)[0]
+            got = shape.conv_transpose_output_size(a, k, s, p, o)[0]  # each answer checked
             check = f"({a} - 1) * {s} - {p} - {p} + ({k} - 1) + {o} + 1 = {got}"
             call = ", ".join(f"{key}={value}" for key, value in sol.as_kwargs().items())
-            lines.append(f"  {repr(sol):<16} {check:<40} {call}")
+            rows.append((repr(sol), check, call))
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        lines.append(f"  {'choice':<{widths[0]}}   {'check: the output-size formula':<{widths[1]}}   layer arguments")
+        for sol_text, check, call in rows:
+            lines.append(f"  {sol_text:<{widths[0]}}   {check:<{widths[1]}}   {call}")
         if b < a:
             lines.append("  (a transposed convolution grows its input; to shrink, a regular convolution is the usual choice)")
     lines.append("")
@@ -860,9 +881,9 @@ def _xterm_rgb(code: int) -> tuple[float, float, float]:
     return tuple(steps[c] / 255 for c in (code // 36, (code // 6) % 6, code % 6))
 
 
-def input_rgb(flat: int) -> tuple[float, float, float]:
-    """The colour of input cell ``flat`` (row by row), in the PNG and the terminal alike."""
-    return _xterm_rgb(PALETTE[flat % len(PALETTE)])
+def input_rgb(flat: int, input_size: tuple[int, int, int]) -> tuple[float, float, float]:
+    """The colour of input cell ``flat`` (row by row), in the PNG as in the terminal."""
+    return _xterm_rgb(input_colour(flat, input_size))
 
 
 ADDED_RGB = _xterm_rgb(230)  # pale yellow: output_padding's cells that no input reaches
@@ -870,10 +891,16 @@ ADDED_EDGE = _xterm_rgb(ADDED_COLOUR)  # gold outline: every cell output_padding
 EMPTY_RGB = (1.0, 1.0, 1.0)
 
 
-def _blend(flats: list[int]) -> tuple[float, float, float]:
+def _blend(flats: list[int], input_size: tuple[int, int, int]) -> tuple[float, float, float]:
     """Mean of the colours, darker the more inputs overlap (as overlapping washes)."""
-    mean = np.mean([input_rgb(f) for f in flats], axis=0)
-    return tuple(mean * 0.85 ** (len(flats) - 1))
+    mean = np.mean([input_rgb(f, input_size) for f in flats], axis=0)
+    return tuple(mean * max(0.6, 0.88 ** (len(flats) - 1)))  # floored: labels stay readable
+
+
+def _ink(background) -> str:
+    """Black text on light cells, white on dark ones."""
+    r, g, b = background[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.45 else "white"
 
 
 def draw_png(layer: Layer, path: str, *, cells: str = "auto") -> PngLayout:
@@ -919,7 +946,7 @@ def draw_png(layer: Layer, path: str, *, cells: str = "auto") -> PngLayout:
             for c in range(w_in):
                 flat = (z * h_in + r) * w_in + c
                 x, y = x0 + z * layout.input_step + c, y0 + r
-                ax.add_patch(Rectangle((x, y), 1, 1, facecolor=input_rgb(flat), edgecolor="white", linewidth=1.5))
+                ax.add_patch(Rectangle((x, y), 1, 1, facecolor=input_rgb(flat, fp.input_size), edgecolor="white", linewidth=1.5))
                 if show_labels and legend_names is not None:
                     ax.text(x + 0.5, y + 0.5, legend_names[flat], ha="center", va="center", fontsize=label_size)
     ax.text(x0, y0 - 0.3, f"input {format_size(layer.input_size)}", fontsize=cell_points * 0.45, va="bottom")
@@ -935,7 +962,7 @@ def draw_png(layer: Layer, path: str, *, cells: str = "auto") -> PngLayout:
                 who = fp.landing.get(cell, [])
                 kind = fp.kind(cell)
                 if who:
-                    colour = input_rgb(who[0]) if len(who) == 1 else _blend(who)
+                    colour = input_rgb(who[0], fp.input_size) if len(who) == 1 else _blend(who, fp.input_size)
                 else:
                     colour = ADDED_RGB if kind == "added" else EMPTY_RGB
                 ax.add_patch(Rectangle((left + c, y0 + r), 1, 1, facecolor=colour, edgecolor="#bbbbbb", linewidth=0.8))
@@ -951,10 +978,10 @@ def draw_png(layer: Layer, path: str, *, cells: str = "auto") -> PngLayout:
                     if text != UNICODE.empty:
                         ax.text(left + c + 0.5, y0 + r + 0.5, text, ha="center", va="center",
                                 fontsize=label_size if len(text) < 3 else label_size * 2.4 / len(text),
-                                color="#555555" if kind == "crop" else "black")
+                                color="#555555" if kind == "crop" else _ink(colour))
         if depth.kind(u_d) != "crop":
             ax.add_patch(Rectangle(
-                (left + rows_offset(cols), y0 + rows_offset(rows)),
+                (left + _first_kept(cols), y0 + _first_kept(rows)),
                 cols.keep_stop - cols.keep_start, rows.keep_stop - rows.keep_start,
                 fill=False, edgecolor="black", linewidth=max(1.5, cell_points / 8),
             ))
@@ -980,6 +1007,6 @@ def draw_png(layer: Layer, path: str, *, cells: str = "auto") -> PngLayout:
     return layout
 
 
-def rows_offset(axis: Axis) -> int:
+def _first_kept(axis: Axis) -> int:
     """Drawn position of the output's first cell along ``axis``."""
     return axis.keep_start - axis.start

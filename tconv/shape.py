@@ -115,8 +115,16 @@ def _numeric_padding(padding, ndim: int) -> tuple[tuple[int, ...], tuple[int, ..
 
 
 def _split_total(total: int, mode: str) -> tuple[int, int]:
-    """Split a total crop as ONNX does: SAME_UPPER puts the odd cell at the end."""
-    half = total // 2  # floor division, as ONNX's reference: a negative total stays legal
+    """Split a total crop as ONNX does: SAME_UPPER puts the odd cell at the end.
+
+    A negative total (an ``output_size`` past the full output) adds computed
+    cells, all at the end: that is what ONNX Runtime and ONNX's reference
+    implementation produce for ``output_shape`` one past the full size, in
+    both modes.
+    """
+    if total < 0:
+        return 0, total
+    half = total // 2
     if mode == "same":
         return half, total - half
     return total - half, half
@@ -213,9 +221,26 @@ def conv_transpose_output_size(
     _check_positive(dil, "dilation")
     _check_non_negative(op, "output_padding")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, op, transposed=True)
+    return transposed_size(inp, kernel, strides, begin, end, op, dil)
+
+
+def transposed_size(input_size, kernel, stride, pad_begin, pad_end, output_padding, dilation) -> tuple[int, ...]:
+    """The transposed formula on resolved per-dim tuples, unchecked.
+
+    For callers that validated their arguments already; pads may be negative
+    here (``"same"`` with an ``output_size`` past the full output).
+    """
     return tuple(
         (i - 1) * s - b - e + d * (k - 1) + o + 1
-        for i, s, b, e, d, k, o in zip(inp, strides, begin, end, dil, kernel, op)
+        for i, s, b, e, d, k, o in zip(input_size, stride, pad_begin, pad_end, dilation, kernel, output_padding)
+    )
+
+
+def regular_size(input_size, kernel, stride, pad_begin, pad_end, dilation) -> tuple[int, ...]:
+    """The regular formula on resolved per-dim tuples, unchecked."""
+    return tuple(
+        (i + b + e - d * (k - 1) - 1) // s + 1
+        for i, s, b, e, d, k in zip(input_size, stride, pad_begin, pad_end, dilation, kernel)
     )
 
 
@@ -242,10 +267,7 @@ def conv_output_size(
     _check_positive(strides, "stride")
     _check_positive(dil, "dilation")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=False)
-    return tuple(
-        (i + b + e - d * (k - 1) - 1) // s + 1
-        for i, s, b, e, d, k in zip(inp, strides, begin, end, dil, kernel)
-    )
+    return regular_size(inp, kernel, strides, begin, end, dil)
 
 
 def reachable_output_sizes(
