@@ -117,13 +117,10 @@ def _numeric_padding(padding, ndim: int) -> tuple[tuple[int, ...], tuple[int, ..
 def _split_total(total: int, mode: str) -> tuple[int, int]:
     """Split a total crop as ONNX does: SAME_UPPER puts the odd cell at the end.
 
-    A negative total (an ``output_size`` past the full output) adds computed
-    cells, all at the end: that is what ONNX Runtime and ONNX's reference
-    implementation produce for ``output_shape`` one past the full size, in
-    both modes.
+    Floor division, as SPEC and ONNX's reference implementation: a negative
+    total (kernel shorter than stride, or an ``output_size`` past the full
+    output) is legal and adds computed cells instead of cropping.
     """
-    if total < 0:
-        return 0, total
     half = total // 2
     if mode == "same":
         return half, total - half
