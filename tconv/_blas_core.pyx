@@ -144,6 +144,8 @@ cdef inline void copy_strided(floating* dst, const floating* src, Py_ssize_t str
     cdef Py_ssize_t i
     if lo > end:  # the tap lands outside the image for the whole run
         lo = end
+    if hi > end:
+        hi = end
     if hi < lo:
         hi = lo
     for i in range(start, lo):
@@ -400,8 +402,8 @@ cdef void workspace_free(Workspace* ws) noexcept nogil:
 # --------------------------------------------------------------------------- #
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def scatter(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
-            floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, ::1] weight,
+            const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
             tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
             Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
             Py_ssize_t n_tiles, Py_ssize_t q_block):
@@ -463,8 +465,8 @@ def scatter(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
-           floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, ::1] weight,
+           const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
            Py_ssize_t n_tiles, bint identity_map):
@@ -529,7 +531,7 @@ def gather(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] weight,
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] grid_in,
+def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, ::1] grid_in,
                 floating[:, :, :, :, ::1] out,
                 tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                 Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
@@ -578,8 +580,8 @@ def weight_grad(floating[:, :, :, :, ::1] image_in, floating[:, :, :, :, ::1] gr
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def scatter_single_cell(floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] weight,
-                        floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+def scatter_single_cell(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, ::1] weight,
+                        const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
                         Py_ssize_t groups):
     """Transposed conv of a one-cell grid whose output is exactly the kernel (no
     padding, dilation 1), e.g. a generator's first layer: no col2im at all,
