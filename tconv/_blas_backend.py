@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _threads
-from .backend import Backend, Geometry
+from ._numpy_backend import NumpyBackend
+from .backend import Backend, Geometry, taps_leave_image
 from .registry import get_num_threads
 
 try:
@@ -152,6 +153,8 @@ class BlasBackend(Backend):
         return out
 
     def gather(self, image_in, weight, bias, geom):
+        if taps_leave_image(geom) and not np.isfinite(weight).all():
+            return _EXACT.gather(image_in, weight, bias, geom)  # 0 * NaN: see taps_leave_image
         n, c_in = image_in.shape[:2]
         q = weight.shape[0] // geom.groups
         plan, identity = gather_plan(geom, n, c_in // geom.groups, q, image_in.itemsize)
@@ -164,6 +167,8 @@ class BlasBackend(Backend):
         return out
 
     def weight_grad(self, image_in, grid_in, geom):
+        if taps_leave_image(geom) and not np.isfinite(grid_in).all():
+            return _EXACT.weight_grad(image_in, grid_in, geom)  # 0 * NaN: see taps_leave_image
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
         plan = weight_grad_plan(geom, n, p, q, image_in.itemsize)
@@ -175,6 +180,10 @@ class BlasBackend(Backend):
         )
         return out
 
+
+#: Where zero-filled taps would meet a non-finite value, the numpy backend's
+#: tap-by-tap computation (which skips such taps) gives the definition's result.
+_EXACT = NumpyBackend()
 
 _NO_BIAS = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Backend", "Geometry"]
+__all__ = ["Backend", "Geometry", "taps_leave_image"]
 
 Triple = tuple[int, int, int]
 
@@ -57,6 +57,22 @@ class Geometry:
     dilation: Triple
     pad_begin: Triple
     groups: int
+
+
+def taps_leave_image(geom: Geometry) -> bool:
+    """Whether some (grid cell, tap) pair lands outside the image.
+
+    A GEMM-based gather fills such taps with zeros, and ``0 * NaN`` is NaN:
+    where this is true, a NaN or Inf weight (gather) or gradient
+    (weight_grad) would reach cells that the definition drops. Backends use
+    this to send such calls down an exact path.
+    """
+    for image, grid, kernel, stride, dilation, pad in zip(
+        geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin
+    ):
+        if pad > 0 or (grid - 1) * stride - pad + (kernel - 1) * dilation >= image:
+            return True
+    return False
 
 
 class Backend:
