@@ -39,6 +39,12 @@ WORKSPACE_BYTES = int(os.environ.get("TCONV_WORKSPACE_MB", "32")) * 2**20
 CACHE_TILE_BYTES = 4 * 2**20
 MIN_GEMM_COLUMNS = 256
 
+#: A stride-1 transposed convolution runs as a regular one with the flipped
+#: kernel when each output sums at least this many products (C_in/groups *
+#: taps): the GEMM then reduces over C_in*K instead of C_in and writes the
+#: output directly, which beats col2im once channels are many.
+FLIPPED_GATHER_MIN_DEPTH = 1024
+
 _BLAS_INT_MAX = 2**31 - 1
 
 
@@ -136,6 +142,8 @@ class BlasBackend(Backend):
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]
         q = weight.shape[1]
+        if geom.stride == (1, 1, 1) and c_in // geom.groups * math.prod(geom.kernel) >= FLIPPED_GATHER_MIN_DEPTH:
+            return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
         if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
                 and geom.dilation == (1, 1, 1)):
             _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
@@ -151,6 +159,19 @@ class BlasBackend(Backend):
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block,
         )
         return out
+
+    def _scatter_as_flipped_gather(self, grid_in, weight, bias, geom):
+        """Stride 1: ``conv_transpose(x, W, pad) == conv(x, flip(W)^T, dilation*(k-1) - pad)``."""
+        g = geom.groups
+        p, q = weight.shape[0] // g, weight.shape[1]
+        flipped = weight.reshape(g, p, q, *geom.kernel)[..., ::-1, ::-1, ::-1]
+        flipped = np.ascontiguousarray(flipped.transpose(0, 2, 1, 3, 4, 5)).reshape(g * q, p, *geom.kernel)
+        as_conv = Geometry(
+            image=geom.grid, grid=geom.image, kernel=geom.kernel, stride=geom.stride,
+            dilation=geom.dilation, groups=g,
+            pad_begin=tuple(d * (k - 1) - pad for d, k, pad in zip(geom.dilation, geom.kernel, geom.pad_begin)),
+        )
+        return self.gather(grid_in, flipped, bias, as_conv)
 
     def gather(self, image_in, weight, bias, geom):
         if taps_leave_image(geom) and not np.isfinite(weight).all():
