@@ -24,7 +24,6 @@ from .registry import resolve_backend
 MAX_EXTENT = 2**40
 MAX_ELEMENTS = 2**56
 
-_DIM_NAMES = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 
 
 @dataclass(frozen=True)
