@@ -103,6 +103,20 @@ def _spatial(geom: Geometry) -> tuple:
     return (geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin)
 
 
+def scatter_route(geom: Geometry, depth: int) -> str:
+    """How a transposed convolution runs: ``"single-cell"`` (one GEMM, no col2im),
+    ``"flipped-gather"`` (stride 1, as a regular convolution) or ``"col2im"``.
+
+    ``depth`` is C_in / groups, the GEMM's reduction without the kernel.
+    """
+    if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
+            and geom.dilation == (1, 1, 1)):
+        return "single-cell"
+    if geom.stride == (1, 1, 1) and depth * math.prod(geom.kernel) >= FLIPPED_GATHER_MIN_DEPTH:
+        return "flipped-gather"
+    return "col2im"
+
+
 # The plans depend on sizes only: cached, so a layer called in a loop plans once.
 @functools.lru_cache(maxsize=512)
 def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TilePlan:
@@ -142,15 +156,15 @@ class BlasBackend(Backend):
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]
         q = weight.shape[1]
-        if geom.stride == (1, 1, 1) and c_in // geom.groups * math.prod(geom.kernel) >= FLIPPED_GATHER_MIN_DEPTH:
-            return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
-        if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
-                and geom.dilation == (1, 1, 1)):
+        route = scatter_route(geom, c_in // geom.groups)
+        if route == "single-cell":
             _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
             out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
             _threads.set_blas_threads(get_num_threads())
             _blas_core.scatter_single_cell(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, geom.groups)
             return out
+        if route == "flipped-gather":
+            return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
         plan = scatter_plan(geom, n, c_in // geom.groups, q, grid_in.itemsize)
         out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
         _threads.set_blas_threads(get_num_threads())
@@ -159,6 +173,26 @@ class BlasBackend(Backend):
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block,
         )
         return out
+
+    def describe_plan(self, primitive: str, *args) -> str:
+        """How ``primitive`` (``"scatter"``, ``"gather"``, ``"weight_grad"``) would run
+        on these arguments: the route and the tiles (for the benchmark's JSON)."""
+        geom = args[-1]
+        first, second = args[0], args[1]
+        n, c = first.shape[:2]
+        itemsize = first.itemsize
+        if primitive == "scatter":
+            route = scatter_route(geom, c // geom.groups)
+            if route != "col2im":
+                return route
+            plan = scatter_plan(geom, n, c // geom.groups, second.shape[1], itemsize)
+        elif primitive == "gather":
+            plan, identity = gather_plan(geom, n, c // geom.groups, second.shape[0] // geom.groups, itemsize)
+            route = "gemm on the image (1x1)" if identity else "im2col"
+        else:
+            plan = weight_grad_plan(geom, n, c // geom.groups, second.shape[1] // geom.groups, itemsize)
+            route = "im2col"
+        return f"{route}: {plan.describe()}"
 
     def _scatter_as_flipped_gather(self, grid_in, weight, bias, geom):
         """Stride 1: ``conv_transpose(x, W, pad) == conv(x, flip(W)^T, dilation*(k-1) - pad)``."""
