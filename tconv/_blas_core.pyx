@@ -230,7 +230,7 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
     which grid cells the tile's columns are (see ``tile_rows``).
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, r, s, lw, lo, hi
+    cdef Py_ssize_t c, kd, kh, kw, r, s, ld, lh, lw, lo, hi
     cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
     cdef Py_ssize_t ow0, sw = g.stride[2]
     cdef const floating* src
@@ -248,6 +248,19 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
                     src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
                                   + kh * g.kernel[2] + kw) * tile_cols
                     ow0 = kw * g.dilation[2] - g.pad[2]
+                    if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
+                        if first_d > last_d or first_h > last_h or first_w > last_w:
+                            continue
+                        for s in range(t.nt):
+                            for ld in range(first_d, last_d + 1):
+                                for lh in range(first_h, last_h + 1):
+                                    add_strided(
+                                        dst + (t.n0 + s) * image_stride_n
+                                        + ((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                                           + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0,
+                                        sw, src + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2],
+                                        first_w, last_w + 1)
+                        continue
                     for r in range(n_rows):
                         row = &grid_rows[r]
                         if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
@@ -278,7 +291,7 @@ cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_s
     The layout is the one ``col2im_scatter`` reads: row ``c * K + tap``.
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, r, s, lw, lo, hi
+    cdef Py_ssize_t c, kd, kh, kw, r, s, ld, lh, lw, lo, hi
     cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
     cdef Py_ssize_t ow0, sw = g.stride[2]
     cdef const floating* src
@@ -296,6 +309,21 @@ cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_s
                     dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
                                   + kh * g.kernel[2] + kw) * tile_cols
                     ow0 = kw * g.dilation[2] - g.pad[2]
+                    if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
+                        for s in range(t.nt):
+                            for ld in range(g.grid[0]):
+                                for lh in range(g.grid[1]):
+                                    if ld < first_d or ld > last_d or lh < first_h or lh > last_h:
+                                        memset(dst + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2], 0,
+                                               g.grid[2] * sizeof(floating))
+                                        continue
+                                    copy_strided(
+                                        dst + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2],
+                                        src + (t.n0 + s) * image_stride_n
+                                        + ((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                                           + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0,
+                                        sw, 0, first_w, last_w + 1, g.grid[2])
+                        continue
                     for r in range(n_rows):
                         row = &grid_rows[r]
                         if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
