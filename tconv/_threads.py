@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 
+# Load SciPy's BLAS (the one the compiled core calls) before threadpoolctl
+# scans the process: a library loaded after the scan is never controlled.
+import scipy.linalg.cython_blas  # noqa: F401
 from threadpoolctl import ThreadpoolController
 
 _controller: ThreadpoolController | None = None
@@ -31,8 +34,15 @@ def blas_info() -> list[dict]:
     return [info for info in controller().info() if info.get("user_api") == "blas"]
 
 
+def forget_blas_threads() -> None:
+    """Forget the count last set, so the next ``set_blas_threads`` applies it again
+    (for when something else, e.g. the user's threadpoolctl, changed it)."""
+    global _current
+    _current = None
+
+
 def set_blas_threads(n: int) -> None:
-    """Set every loaded BLAS to ``n`` threads (no-op when already so)."""
+    """Set every loaded BLAS to ``n`` threads (no-op when tconv already set ``n``)."""
     global _current
     if _current == n:
         return

@@ -304,3 +304,6 @@ def set_num_threads(n: int | None) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"set_num_threads: n must be a positive integer or None, got {n!r}")
     _num_threads = n
+    from . import _threads  # here, not at import: threadpoolctl is only needed to compute
+
+    _threads.forget_blas_threads()

@@ -218,7 +218,16 @@ def conv_transpose_output_size(
     _check_positive(dil, "dilation")
     _check_non_negative(op, "output_padding")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, op, transposed=True)
-    return transposed_size(inp, kernel, strides, begin, end, op, dil)
+    return _positive(transposed_size(inp, kernel, strides, begin, end, op, dil), inp)
+
+
+def _positive(sizes: tuple[int, ...], input_size: tuple[int, ...]) -> tuple[int, ...]:
+    if min(sizes) < 1:
+        raise ValueError(
+            f"output size {sizes} is below 1 for input size {input_size}: the kernel, "
+            f"padding and stride leave no output cell"
+        )
+    return sizes
 
 
 def transposed_size(input_size, kernel, stride, pad_begin, pad_end, output_padding, dilation) -> tuple[int, ...]:
@@ -264,7 +273,7 @@ def conv_output_size(
     _check_positive(strides, "stride")
     _check_positive(dil, "dilation")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=False)
-    return regular_size(inp, kernel, strides, begin, end, dil)
+    return _positive(regular_size(inp, kernel, strides, begin, end, dil), inp)
 
 
 def reachable_output_sizes(

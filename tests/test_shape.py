@@ -41,6 +41,15 @@ def dims_args(draw, max_ndim=3):
     )
 
 
+def assert_sizes(call, expected):
+    """The formula's sizes; where one is below 1 there is no output, and that is an error."""
+    if min(expected) < 1:
+        with pytest.raises(ValueError, match="below 1"):
+            call()
+    else:
+        assert call() == expected
+
+
 def _zip(a):
     return zip(a["input_size"], a["kernel_size"], a["stride"], a["pad_begin"], a["pad_end"],
                a["output_padding"], a["dilation"])
@@ -50,25 +59,25 @@ def _zip(a):
 @given(dims_args())
 def test_conv_transpose_output_size_with_begin_end_pairs(a):
     pads = tuple(zip(a["pad_begin"], a["pad_end"]))
-    got = shape.conv_transpose_output_size(a["input_size"], a["kernel_size"], a["stride"], pads,
-                                           a["output_padding"], a["dilation"])
-    assert got == tuple(transposed_size(*v) for v in _zip(a))
+    assert_sizes(lambda: shape.conv_transpose_output_size(a["input_size"], a["kernel_size"], a["stride"], pads,
+                                                          a["output_padding"], a["dilation"]),
+                 tuple(transposed_size(*v) for v in _zip(a)))
 
 
 @settings(max_examples=40)
 @given(dims_args())
 def test_conv_transpose_output_size_with_symmetric_padding(a):
-    got = shape.conv_transpose_output_size(a["input_size"], a["kernel_size"], a["stride"], a["pad_begin"],
-                                           a["output_padding"], a["dilation"])
-    assert got == tuple(transposed_size(i, k, s, pb, pb, op, d) for i, k, s, pb, _, op, d in _zip(a))
+    assert_sizes(lambda: shape.conv_transpose_output_size(a["input_size"], a["kernel_size"], a["stride"],
+                                                          a["pad_begin"], a["output_padding"], a["dilation"]),
+                 tuple(transposed_size(i, k, s, pb, pb, op, d) for i, k, s, pb, _, op, d in _zip(a)))
 
 
 @settings(max_examples=80)
 @given(dims_args())
 def test_conv_output_size_with_begin_end_pairs(a):
     pads = tuple(zip(a["pad_begin"], a["pad_end"]))
-    got = shape.conv_output_size(a["input_size"], a["kernel_size"], a["stride"], pads, a["dilation"])
-    assert got == tuple(regular_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, _, d in _zip(a))
+    assert_sizes(lambda: shape.conv_output_size(a["input_size"], a["kernel_size"], a["stride"], pads, a["dilation"]),
+                 tuple(regular_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, _, d in _zip(a)))
 
 
 @pytest.mark.parametrize(
@@ -179,8 +188,8 @@ def test_same_transposed_size_is_input_times_stride(a):
 def test_valid_is_zero_padding(a):
     n = len(a["input_size"])
     assert shape.resolve_padding("valid", a["input_size"], a["kernel_size"]) == ((0,) * n, (0,) * n)
-    assert shape.conv_output_size(a["input_size"], a["kernel_size"], a["stride"], "valid", a["dilation"]) == \
-        tuple(regular_size(i, k, s, 0, 0, d) for i, k, s, _, _, _, d in _zip(a))
+    assert_sizes(lambda: shape.conv_output_size(a["input_size"], a["kernel_size"], a["stride"], "valid", a["dilation"]),
+                 tuple(regular_size(i, k, s, 0, 0, d) for i, k, s, _, _, _, d in _zip(a)))
 
 
 @pytest.mark.parametrize("mode", ["SAME", "Same_Lower", "VALID"])

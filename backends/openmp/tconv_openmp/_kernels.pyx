@@ -1,0 +1,621 @@
+# cython: language_level=3
+"""Multicore kernels of the ``openmp`` backend: ``prange`` over independent tasks.
+
+Each primitive is cut (by ``_plan``, from the shape alone) into tasks whose
+outputs are disjoint, so every output element is written by exactly one
+thread and no thread waits for another:
+
+``scatter_direct`` (col2im)
+    tasks are (group, samples, block of output channels); each runs
+    ``cols = W_g^T @ X`` tile by tile into its own buffer and adds it into
+    its own output channels at once.
+``scatter`` (col2im, for shapes with too few such tasks)
+    per chunk, two phases. GEMM phase: tasks are column tiles; each computes
+    ``cols = W_g^T @ X`` for its grid cells into its own columns of a shared
+    buffer. col2im phase: tasks are output lines (one sample, channel and
+    (d, h)); each sums the column entries that land on its line, gathering
+    over d and h and scattering along w.
+``gather`` (im2col)
+    tasks are (sample, group, column tile); each fills its own im2col tile
+    and runs the GEMM into its own output columns.
+``weight_grad``
+    tasks are (group, block of im2col rows); each sums its block of the
+    weight gradient over samples and column tiles, in order.
+
+Inside a task BLAS runs single-threaded (the caller sets it to one thread),
+so OpenMP threads x BLAS threads never exceed the budget. All arrays are
+flat C-contiguous views; indices come from the plan and from index tables
+built in Python, which is why bounds checks are off.
+"""
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport isfinite
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define TCONV_BUILT_WITH_OPENMP 1
+    #else
+    #define TCONV_BUILT_WITH_OPENMP 0
+    #endif
+    """
+    const int TCONV_BUILT_WITH_OPENMP
+
+
+def built_with_openmp():
+    """Whether this extension was compiled with OpenMP (else ``prange`` is serial)."""
+    return TCONV_BUILT_WITH_OPENMP == 1
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def all_finite(const floating[::1] values, int threads):
+    """Whether no element is NaN or infinite (one parallel pass, no temporary)."""
+    cdef Py_ssize_t i, bad = 0
+    with nogil:
+        for i in prange(values.shape[0], num_threads=threads, schedule="static"):
+            if not isfinite(values[i]):
+                bad += 1
+    return bad == 0
+
+
+cdef struct Sizes:
+    # Spatial sizes (D, H, W) of the image, grid and kernel.
+    Py_ssize_t image[3]
+    Py_ssize_t grid[3]
+    Py_ssize_t kernel[3]
+    Py_ssize_t stride_w      # stride along W (the scattered dim of col2im)
+    Py_ssize_t image_cells   # I = prod(image)
+    Py_ssize_t grid_cells    # L = prod(grid)
+    Py_ssize_t taps          # K = prod(kernel)
+
+
+cdef struct Tables:
+    # im2col: image index met by (tap, cell), or -1; map_d[tap * grid[d] + cell].
+    const Py_ssize_t* map0
+    const Py_ssize_t* map1
+    const Py_ssize_t* map2
+    # col2im over D and H: the (tap, cell) pairs landing on image index i are
+    # entries start_d[i] .. start_d[i + 1] - 1 of tap_d / cell_d.
+    const Py_ssize_t* start0
+    const Py_ssize_t* tap0
+    const Py_ssize_t* cell0
+    const Py_ssize_t* start1
+    const Py_ssize_t* tap1
+    const Py_ssize_t* cell1
+    # col2im along W: tap k covers cells first_w[k] .. last_w[k], landing at
+    # cell * stride_w + offset_w[k].
+    const Py_ssize_t* first_w
+    const Py_ssize_t* last_w
+    const Py_ssize_t* offset_w
+
+
+cdef Sizes make_sizes(tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w):
+    cdef Sizes s
+    cdef int d
+    for d in range(3):
+        s.image[d] = image[d]
+        s.grid[d] = grid[d]
+        s.kernel[d] = kernel[d]
+    s.stride_w = stride_w
+    s.image_cells = s.image[0] * s.image[1] * s.image[2]
+    s.grid_cells = s.grid[0] * s.grid[1] * s.grid[2]
+    s.taps = s.kernel[0] * s.kernel[1] * s.kernel[2]
+    return s
+
+
+# --------------------------------------------------------------------------- #
+# BLAS
+# --------------------------------------------------------------------------- #
+cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                      const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
+                      floating beta, floating* c, Py_ssize_t ldc) noexcept nogil:
+    """C = op(A) op(B) + beta C, in BLAS's column-major terms (sizes checked < 2**31)."""
+    cdef int im = <int>m, i_n = <int>n, ik = <int>k
+    cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
+    cdef floating one = 1
+    if floating is float:
+        sgemm(&transa, &transb, &im, &i_n, &ik, &one, <float*>a, &ilda,
+              <float*>b, &ildb, &beta, c, &ildc)
+    else:
+        dgemm(&transa, &transb, &im, &i_n, &ik, &one, <double*>a, &ilda,
+              <double*>b, &ildb, &beta, c, &ildc)
+
+
+# --------------------------------------------------------------------------- #
+# tiles: the GEMM column ranges
+# --------------------------------------------------------------------------- #
+cdef struct Tile:
+    Py_ssize_t sample    # first sample
+    Py_ssize_t samples   # samples folded side by side (> 1 only when whole samples are)
+    Py_ssize_t cell      # first grid cell of each sample
+    Py_ssize_t cells     # grid cells per sample
+    Py_ssize_t width     # samples * cells: the GEMM's column count
+
+
+cdef inline Py_ssize_t tile_count(Py_ssize_t samples, Py_ssize_t cells, Py_ssize_t fold,
+                                  Py_ssize_t tile) noexcept nogil:
+    if fold > 1:
+        return (samples + fold - 1) // fold
+    return samples * ((cells + tile - 1) // tile)
+
+
+cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t sample0, Py_ssize_t samples,
+                         Py_ssize_t cell0, Py_ssize_t cells, Py_ssize_t fold,
+                         Py_ssize_t tile) noexcept nogil:
+    """Tile ``index`` of the block samples ``sample0 ..`` x cells ``cell0 ..`` (see _plan.Tiling)."""
+    cdef Tile t
+    cdef Py_ssize_t per_sample
+    if fold > 1:
+        t.sample = sample0 + index * fold
+        t.samples = min(fold, sample0 + samples - t.sample)
+        t.cell = cell0
+        t.cells = cells
+    else:
+        per_sample = (cells + tile - 1) // tile
+        t.sample = sample0 + index // per_sample
+        t.samples = 1
+        t.cell = cell0 + (index % per_sample) * tile
+        t.cells = min(tile, cell0 + cells - t.cell)
+    t.width = t.samples * t.cells
+    return t
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void pack_rows(const floating* src, Py_ssize_t sample_stride, Py_ssize_t rows,
+                    Py_ssize_t row_stride, const Tile* t, floating* dst) noexcept nogil:
+    """``dst[r * width + s * cells + j] = src[(sample + s) * sample_stride + r * row_stride + cell + j]``."""
+    cdef Py_ssize_t r, s
+    for r in range(rows):
+        for s in range(t.samples):
+            memcpy(dst + r * t.width + s * t.cells,
+                   src + (t.sample + s) * sample_stride + r * row_stride + t.cell,
+                   t.cells * sizeof(floating))
+
+
+# --------------------------------------------------------------------------- #
+# im2col and col2im on one task's share
+# --------------------------------------------------------------------------- #
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void im2col_rows(const floating* image, Py_ssize_t row0, Py_ssize_t rows,
+                      Py_ssize_t col0, Py_ssize_t width, floating* buf, Py_ssize_t ld,
+                      const Sizes* s, const Tables* t) noexcept nogil:
+    """``buf[r * ld + j] = image[p, image(col0 + j, tap)]`` (0 off the image).
+
+    Rows ``row0 .. row0 + rows - 1`` of the im2col matrix (row = p * K + tap)
+    of one (sample, group), columns (grid cells) ``col0 .. col0 + width - 1``.
+    """
+    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
+    cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
+    cdef Py_ssize_t I1 = s.image[1], I2 = s.image[2]
+    cdef Py_ssize_t r, p, k, k0, k1, k2, j, run, u, a0, a1, a2, i0, i1, i2
+    cdef const floating* src
+    cdef const floating* line
+    cdef const Py_ssize_t* map_w
+    cdef floating* dst
+    for r in range(rows):
+        p = (row0 + r) // K
+        k = (row0 + r) % K
+        k0 = k // (K1 * K2)
+        k1 = (k // K2) % K1
+        k2 = k % K2
+        src = image + p * s.image_cells
+        dst = buf + r * ld
+        a2 = col0 % G2
+        a1 = (col0 // G2) % G1
+        a0 = col0 // (G1 * G2)
+        j = 0
+        while j < width:  # one grid line (fixed d, h) at a time
+            run = G2 - a2
+            if run > width - j:
+                run = width - j
+            i0 = t.map0[k0 * G0 + a0]
+            i1 = t.map1[k1 * G1 + a1]
+            if i0 < 0 or i1 < 0:
+                memset(dst + j, 0, run * sizeof(floating))
+            else:
+                line = src + (i0 * I1 + i1) * I2
+                map_w = t.map2 + k2 * G2 + a2
+                for u in range(run):
+                    i2 = map_w[u]
+                    dst[j + u] = line[i2] if i2 >= 0 else 0
+            j += run
+            a2 = 0
+            a1 += 1
+            if a1 == G1:
+                a1 = 0
+                a0 += 1
+
+
+cdef inline void im2col_tile(const floating* image, Py_ssize_t sample_stride, Py_ssize_t row0,
+                             Py_ssize_t rows, const Tile* tile, floating* buf,
+                             const Sizes* s, const Tables* t) noexcept nogil:
+    """im2col of a tile into ``buf`` (rows x tile.width), sample after sample."""
+    cdef Py_ssize_t i
+    for i in range(tile.samples):
+        im2col_rows(image + (tile.sample + i) * sample_stride, row0, rows, tile.cell,
+                    tile.cells, buf + i * tile.cells, tile.width, s, t)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void col2im_line(const floating* cols, Py_ssize_t ld, Py_ssize_t col_begin,
+                      Py_ssize_t col_end, floating* out_line, bint fresh, floating init,
+                      Py_ssize_t i0, Py_ssize_t i1, const Sizes* s, const Tables* t) noexcept nogil:
+    """Add into one output line (fixed channel, d = i0, h = i1) every column entry landing on it.
+
+    ``cols[tap * ld + (cell - col_begin)]`` holds the channel's columns for
+    grid cells ``col_begin .. col_end - 1``. ``fresh``: the line starts at
+    ``init`` (the bias) instead of its current value. The terms of each
+    element are added in a fixed order: D entries, H entries, W taps.
+    """
+    cdef Py_ssize_t K1 = s.kernel[1], K2 = s.kernel[2]
+    cdef Py_ssize_t G1 = s.grid[1], G2 = s.grid[2], I2 = s.image[2], sw = s.stride_w
+    cdef Py_ssize_t e0, e1, k2, tap_base, cell_base, lo, hi, cell, offset, x
+    cdef const floating* src
+    if fresh:
+        for x in range(I2):
+            out_line[x] = init
+    for e0 in range(t.start0[i0], t.start0[i0 + 1]):
+        for e1 in range(t.start1[i1], t.start1[i1 + 1]):
+            tap_base = (t.tap0[e0] * K1 + t.tap1[e1]) * K2
+            cell_base = (t.cell0[e0] * G1 + t.cell1[e1]) * G2
+            if cell_base + G2 <= col_begin or cell_base >= col_end:
+                continue
+            for k2 in range(K2):
+                lo = t.first_w[k2]
+                if lo < col_begin - cell_base:
+                    lo = col_begin - cell_base
+                hi = t.last_w[k2]
+                if hi > col_end - 1 - cell_base:
+                    hi = col_end - 1 - cell_base
+                offset = t.offset_w[k2]
+                src = cols + (tap_base + k2) * ld + cell_base - col_begin
+                for cell in range(lo, hi + 1):
+                    out_line[cell * sw + offset] += src[cell]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile* tile,
+                          floating* out, Py_ssize_t sample_stride, const Sizes* s,
+                          const Tables* t) noexcept nogil:
+    """Add a tile's columns into the image: the scatter form, for a task owning its outputs.
+
+    ``cols[(c * K + tap) * width + j]`` is channel c's term at tap ``tap`` of
+    tile column j; ``out`` points at channel 0 of the tile's first sample.
+    Each element's terms are added in a fixed order: channel, tap, cell.
+    """
+    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
+    cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
+    cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2], sw = s.stride_w
+    cdef Py_ssize_t c, k, k0, k1, k2, i, cell, end, j, run, a0, a1, a2, i0, i1, lo, hi, u, offset
+    cdef const floating* src
+    cdef floating* dst
+    cdef floating* line
+    for c in range(channels):
+        for k in range(K):
+            k0 = k // (K1 * K2)
+            k1 = (k // K2) % K1
+            k2 = k % K2
+            offset = t.offset_w[k2]
+            src = cols + (c * K + k) * tile.width
+            for i in range(tile.samples):
+                dst = out + i * sample_stride + c * I
+                cell = tile.cell
+                end = tile.cell + tile.cells
+                j = i * tile.cells
+                while cell < end:  # one grid line (fixed d, h) at a time
+                    a2 = cell % G2
+                    a1 = (cell // G2) % G1
+                    a0 = cell // (G1 * G2)
+                    run = G2 - a2
+                    if run > end - cell:
+                        run = end - cell
+                    i0 = t.map0[k0 * G0 + a0]
+                    i1 = t.map1[k1 * G1 + a1]
+                    if i0 >= 0 and i1 >= 0:
+                        line = dst + (i0 * I1 + i1) * I2
+                        lo = a2 if a2 > t.first_w[k2] else t.first_w[k2]
+                        hi = a2 + run - 1 if a2 + run - 1 < t.last_w[k2] else t.last_w[k2]
+                        for u in range(lo, hi + 1):
+                            line[u * sw + offset] += src[j + u - a2]
+                    cell += run
+                    j += run
+
+
+# --------------------------------------------------------------------------- #
+# the three primitives
+# --------------------------------------------------------------------------- #
+cdef inline const Py_ssize_t* first_of(const Py_ssize_t[::1] table):
+    # An empty table (no tap lands anywhere along a dim) is never indexed.
+    return &table[0] if table.shape[0] else NULL
+
+
+cdef Tables make_tables(tuple tables):
+    """Pointers into the arrays of ``tables`` (built by ``_plan``; they outlive the call)."""
+    cdef Tables t
+    t.map0, t.map1, t.map2 = first_of(tables[0]), first_of(tables[1]), first_of(tables[2])
+    t.start0, t.tap0, t.cell0 = first_of(tables[3]), first_of(tables[4]), first_of(tables[5])
+    t.start1, t.tap1, t.cell1 = first_of(tables[6]), first_of(tables[7]), first_of(tables[8])
+    t.first_w, t.last_w, t.offset_w = first_of(tables[9]), first_of(tables[10]), first_of(tables[11])
+    return t
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+def scatter(const floating[::1] grid_in, const floating[::1] weight, const floating[::1] bias,
+            bint has_bias, floating[::1] out, floating[::1] cols, floating[::1] work,
+            tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w,
+            Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
+            Py_ssize_t chunk_samples, Py_ssize_t chunk_channels, Py_ssize_t chunk_cells,
+            Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread, int threads):
+    """col2im: ``out[n, gQ+q] = bias + sum W[gP+p, q, tap] X[n, gP+p, cell]`` over landings.
+
+    ``grid_in`` (N, G*P, L), ``weight`` (G*P, Q, K), ``out`` (N, G*Q, I), all
+    flat. ``cols`` holds one chunk, laid out ``[group][channel * K + tap]
+    [sample * chunk_cells + cell]``; ``work`` holds ``threads`` packing
+    buffers of ``per_thread`` elements (used when samples are folded).
+    """
+    cdef Sizes s = make_sizes(image, grid, kernel, stride_w)
+    cdef Tables t = make_tables(tables)
+    cdef Py_ssize_t K = s.taps, L = s.grid_cells, I = s.image_cells
+    cdef Py_ssize_t lines_per_channel = s.image[0] * s.image[1], I1 = s.image[1], I2 = s.image[2]
+    cdef Py_ssize_t sample0, ns, q0, nq, cell0, nc, ld, tiles, task, gi, lda, qi, line
+    cdef Py_ssize_t channel, line_in_channel, sample, rest
+    cdef Tile tl
+    cdef const floating* x = &grid_in[0]
+    cdef const floating* w = &weight[0]
+    cdef const floating* operand
+    cdef floating* y = &out[0]
+    cdef floating* c = &cols[0]
+    cdef floating* buf
+    cdef floating zero = 0
+
+    with nogil:
+        # Chunks run one after the other; each is a GEMM phase then a col2im phase.
+        sample0 = 0
+        while sample0 < n:
+            ns = min(chunk_samples, n - sample0)
+            q0 = 0
+            while q0 < q:
+                nq = min(chunk_channels, q - q0)
+                cell0 = 0
+                while cell0 < L:
+                    nc = min(chunk_cells, L - cell0)
+                    ld = ns * nc
+                    tiles = tile_count(ns, nc, fold, tile)
+                    # GEMM phase: each task owns the columns of one (group, tile).
+                    for task in prange(groups * tiles, num_threads=threads, schedule="dynamic"):
+                        gi = task // tiles
+                        tl = tile_at(task % tiles, sample0, ns, cell0, nc, fold, tile)
+                        if tl.samples > 1:
+                            buf = &work[0] + threadid() * per_thread
+                            pack_rows(x + gi * p * L, groups * p * L, p, L, &tl, buf)
+                            operand = buf
+                            lda = tl.width
+                        else:
+                            operand = x + (tl.sample * groups + gi) * p * L + tl.cell
+                            lda = L
+                        # Column-major view: X (P x cells, row-major) is the col-major
+                        # (cells x P) matrix; W_g (P x Q*K, row-major) is col-major
+                        # (Q*K x P), transposed, from row q0*K. C = cols^T: col-major
+                        # (width x nq*K), ld = the chunk's folded width.
+                        gemm(c'N', c'T', tl.width, nq * K, p, operand, lda,
+                             w + gi * p * q * K + q0 * K, q * K, zero,
+                             c + gi * nq * K * ld + (tl.sample - sample0) * nc + (tl.cell - cell0), ld)
+                    # col2im phase: each task owns one output line.
+                    # (lines are short: hand them out 16 at a time)
+                    for line in prange(ns * groups * nq * lines_per_channel, num_threads=threads,
+                                       schedule="dynamic", chunksize=16):
+                        channel = line // lines_per_channel      # (sample, group, channel) of the chunk
+                        line_in_channel = line % lines_per_channel
+                        sample = channel // (groups * nq)
+                        rest = channel % (groups * nq)           # group * nq + channel in block
+                        gi = rest // nq
+                        qi = q0 + rest % nq
+                        col2im_line(c + rest * K * ld + sample * nc, ld, cell0, cell0 + nc,
+                                    y + (((sample0 + sample) * groups + gi) * q + qi) * I
+                                    + line_in_channel * I2,
+                                    cell0 == 0,
+                                    bias[gi * q + qi] if has_bias else zero,
+                                    line_in_channel // I1, line_in_channel % I1, &s, &t)
+                    cell0 += nc
+                q0 += nq
+            sample0 += ns
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
+                   const floating[::1] bias, bint has_bias, floating[::1] out, floating[::1] work,
+                   tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w,
+                   Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
+                   Py_ssize_t block, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
+                   int threads):
+    """col2im with tasks that own their outputs: (group, samples, block of channels).
+
+    Each task walks its column tiles in order: one GEMM into its own buffer
+    (``block`` channels x K rows), then adds the buffer into its own output
+    channels while it is in cache. No shared buffer, no phase barrier; used
+    when the shape gives enough such tasks (see ``_plan.scatter_plan``).
+    ``work`` holds ``threads`` buffers of ``per_thread`` elements.
+    """
+    cdef Sizes s = make_sizes(image, grid, kernel, stride_w)
+    cdef Tables t = make_tables(tables)
+    cdef Py_ssize_t K = s.taps, L = s.grid_cells, I = s.image_cells
+    cdef Py_ssize_t blocks = (q + block - 1) // block
+    cdef Py_ssize_t sample_tiles = tile_count(n, L, fold, L) if fold > 1 else n
+    cdef Py_ssize_t col_tiles = 1 if fold > 1 else (L + tile - 1) // tile
+    cdef Py_ssize_t task, gi, unit, q0, nq, first, samples, index, i, c, x_i, lda
+    cdef Tile tl
+    cdef const floating* x = &grid_in[0]
+    cdef const floating* w = &weight[0]
+    cdef const floating* operand
+    cdef floating* y = &out[0]
+    cdef floating* buf
+    cdef floating* packed
+    cdef floating* dst
+    cdef floating value, zero = 0
+
+    with nogil:
+        for task in prange(groups * sample_tiles * blocks, num_threads=threads, schedule="dynamic"):
+            buf = &work[0] + threadid() * per_thread
+            gi = task // (sample_tiles * blocks)
+            unit = (task // blocks) % sample_tiles
+            q0 = (task % blocks) * block
+            nq = min(block, q - q0)
+            first = unit * fold if fold > 1 else unit
+            samples = min(fold, n - first) if fold > 1 else 1
+            # the task's outputs start at bias (or zero)
+            for i in range(samples):
+                for c in range(nq):
+                    value = bias[gi * q + q0 + c] if has_bias else zero
+                    dst = y + (((first + i) * groups + gi) * q + q0 + c) * I
+                    for x_i in range(I):
+                        dst[x_i] = value
+            for index in range(col_tiles):
+                if fold > 1:
+                    tl = tile_at(unit, 0, n, 0, L, fold, L)
+                else:
+                    tl = tile_at(unit * col_tiles + index, 0, n, 0, L, 1, tile)
+                packed = buf + nq * K * tl.width
+                if tl.samples > 1:
+                    pack_rows(x + gi * p * L, groups * p * L, p, L, &tl, packed)
+                    operand = packed
+                    lda = tl.width
+                else:
+                    operand = x + (tl.sample * groups + gi) * p * L + tl.cell
+                    lda = L
+                # Column-major view: X (P x cells, row-major) is col-major (cells x P);
+                # W_g (P x Q*K, row-major) is col-major (Q*K x P), transposed, from row
+                # q0*K. C = cols^T: col-major (width x nq*K) = row-major (nq*K x width).
+                gemm(c'N', c'T', tl.width, nq * K, p, operand, lda,
+                     w + gi * p * q * K + q0 * K, q * K, zero, buf, tl.width)
+                col2im_add_tile(buf, nq, &tl, y + ((tl.sample * groups + gi) * q + q0) * I,
+                                groups * q * I, &s, &t)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+def gather(const floating[::1] image_in, const floating[::1] weight, const floating[::1] bias,
+           bint has_bias, floating[::1] out, floating[::1] work,
+           tuple image, tuple grid, tuple kernel, Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p,
+           Py_ssize_t q, tuple tables, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t rows,
+           Py_ssize_t per_thread, int threads):
+    """im2col: ``out[n, gQ+q, cell] = bias + sum W[gQ+q, p, tap] X[n, gP+p, image(cell, tap)]``.
+
+    ``image_in`` (N, G*P, I), ``weight`` (G*Q, P, K), ``out`` (N, G*Q, L);
+    ``work`` holds ``threads`` buffers of ``per_thread`` elements: the im2col
+    tile (``rows`` x width) and, when samples are folded, the GEMM result.
+    """
+    cdef Sizes s = make_sizes(image, grid, kernel, 1)
+    cdef Tables t = make_tables(tables)
+    cdef Py_ssize_t K = s.taps, L = s.grid_cells, I = s.image_cells, PK = p * K
+    cdef Py_ssize_t tiles = tile_count(n, L, fold, tile)
+    cdef Py_ssize_t task, gi, block, row0, nrows, qi, j, i, ldc
+    cdef Tile tl
+    cdef const floating* x = &image_in[0]
+    cdef const floating* w = &weight[0]
+    cdef floating* y = &out[0]
+    cdef floating* buf
+    cdef floating* result
+    cdef floating* dst
+    cdef floating beta, value
+
+    with nogil:
+        for task in prange(groups * tiles, num_threads=threads, schedule="dynamic"):
+            gi = task // tiles
+            tl = tile_at(task % tiles, 0, n, 0, L, fold, tile)
+            buf = &work[0] + threadid() * per_thread
+            if tl.samples > 1:
+                result = buf + rows * tl.width     # folded: GEMM into a buffer, then unpack
+                ldc = tl.width
+            else:
+                result = y + (tl.sample * groups + gi) * q * L + tl.cell   # in place
+                ldc = L
+                if has_bias:
+                    for qi in range(q):
+                        value = bias[gi * q + qi]
+                        for j in range(tl.width):
+                            result[qi * L + j] = value
+            for block in range((PK + rows - 1) // rows):
+                row0 = block * rows
+                nrows = min(rows, PK - row0)
+                im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
+                beta = 1 if (row0 > 0 or (has_bias and tl.samples == 1)) else 0
+                # Column-major view: the tile (nrows x width, row-major) is col-major
+                # (width x nrows); W_g (Q x P*K, row-major) is col-major (P*K x Q), from
+                # row row0. C = out^T: col-major (width x Q).
+                gemm(c'N', c'N', tl.width, q, nrows, buf, tl.width,
+                     w + gi * q * PK + row0, PK, beta, result, ldc)
+            if tl.samples > 1:
+                for i in range(tl.samples):
+                    for qi in range(q):
+                        value = bias[gi * q + qi] if has_bias else 0
+                        dst = y + ((tl.sample + i) * groups + gi) * q * L + qi * L
+                        for j in range(L):
+                            dst[j] = result[qi * tl.width + i * L + j] + value
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+def weight_grad(const floating[::1] image_in, const floating[::1] grid_in, floating[::1] out,
+                floating[::1] work, tuple image, tuple grid, tuple kernel, Py_ssize_t n,
+                Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
+                Py_ssize_t rows, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
+                int threads):
+    """``gw[gQ+q, p, tap] = sum_n sum_cell dY[n, gQ+q, cell] X[n, gP+p, image(cell, tap)]``.
+
+    ``image_in`` (N, G*P, I), ``grid_in`` (N, G*Q, L), ``out`` (G*Q, P, K);
+    ``work`` holds ``threads`` buffers of ``per_thread`` elements: the im2col
+    tile (``rows`` x width) and, when samples are folded, the packed dY.
+    """
+    cdef Sizes s = make_sizes(image, grid, kernel, 1)
+    cdef Tables t = make_tables(tables)
+    cdef Py_ssize_t K = s.taps, L = s.grid_cells, I = s.image_cells, PK = p * K
+    cdef Py_ssize_t blocks = (PK + rows - 1) // rows
+    cdef Py_ssize_t tiles = tile_count(n, L, fold, tile)
+    cdef Py_ssize_t task, gi, row0, nrows, index, ldb
+    cdef Tile tl
+    cdef const floating* x = &image_in[0]
+    cdef const floating* dy = &grid_in[0]
+    cdef const floating* operand
+    cdef floating* gw = &out[0]
+    cdef floating* buf
+    cdef floating beta
+
+    with nogil:
+        for task in prange(groups * blocks, num_threads=threads, schedule="dynamic"):
+            buf = &work[0] + threadid() * per_thread
+            gi = task // blocks
+            row0 = (task % blocks) * rows
+            nrows = min(rows, PK - row0)
+            for index in range(tiles):   # in order: the sum over tiles is reproducible
+                tl = tile_at(index, 0, n, 0, L, fold, tile)
+                im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
+                if tl.samples > 1:
+                    pack_rows(dy + gi * q * L, groups * q * L, q, L, &tl, buf + nrows * tl.width)
+                    operand = buf + nrows * tl.width
+                    ldb = tl.width
+                else:
+                    operand = dy + (tl.sample * groups + gi) * q * L + tl.cell
+                    ldb = L
+                beta = 0 if index == 0 else 1
+                # Column-major view: C = gw_g^T, col-major (P*K x Q) from row row0. The
+                # tile (nrows x width, row-major) is col-major (width x nrows), transposed;
+                # dY (Q x cells, row-major) is col-major (cells x Q).
+                gemm(c'T', c'N', nrows, q, tl.width, buf, tl.width, operand, ldb,
+                     beta, gw + gi * q * PK + row0, PK)

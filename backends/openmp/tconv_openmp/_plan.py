@@ -1,0 +1,239 @@
+"""Shape-only decisions of the ``openmp`` backend: how a call is cut into tasks.
+
+Nothing here looks at the thread count. Every cut (tile widths, folded
+samples, row blocks, chunks of the shared column buffer) depends on the
+problem's shape and dtype alone, so each output element is produced by the
+same floating-point operations in the same order whatever the number of
+threads: threads only decide which task runs where. That is why results are
+bitwise identical from run to run *and* across thread counts.
+
+A *tile* is the column range of one GEMM: either a slice of one sample's grid
+cells, or several whole samples folded side by side (small images, so that
+the GEMM stays wide and its weight operand is packed once for many samples).
+
+The index tables turn the map ``image = cell * stride - pad + tap * dilation``
+into lookups, one spatial dim at a time, so the kernels never divide by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Per-thread buffers (im2col tile, packed operand, folded result).
+THREAD_WORKSPACE_BYTES = 2 << 20
+#: The column buffer ``scatter`` shares between its GEMM and col2im phases.
+SHARED_WORKSPACE_BYTES = 16 << 20
+#: GEMM width (columns) aimed at: wide enough for BLAS's packing to pay off.
+TARGET_WIDTH = 512
+#: Samples narrower than this many grid cells are folded together.
+FOLD_BELOW = 256
+#: Tiles a call is cut into where the shape allows, to balance the threads.
+TARGET_TASKS = 32
+#: Folding stops short of leaving fewer tiles than this.
+MIN_FOLDED_TASKS = 8
+#: ``scatter`` runs direct tasks (no shared buffer) when it has at least this many.
+MIN_DIRECT_TASKS = 4
+#: Direct ``scatter`` tasks aimed at (smaller channel blocks past that).
+DIRECT_TASKS = 8
+#: A GEMM narrower than this many rows wastes BLAS's kernels.
+MIN_GEMM_ROWS = 32
+#: Row blocks of ``weight_grad`` (each re-reads the grid input).
+TARGET_ROW_BLOCKS = 16
+MIN_TILE = 64
+MIN_ROW_BLOCK = 32
+MAX_ROW_BLOCK = 512
+
+BLAS_INT_MAX = 2**31 - 1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """GEMM columns: ``fold`` whole samples per tile (when > 1), else ``tile`` cells of one sample."""
+
+    fold: int
+    tile: int
+
+    def tiles(self, samples: int, cells: int) -> int:
+        """Tiles covering ``samples`` x ``cells``."""
+        if self.fold > 1:
+            return _ceil_div(samples, self.fold)
+        return samples * _ceil_div(cells, self.tile)
+
+    def width(self, cells: int) -> int:
+        """Widest tile: its GEMM column count."""
+        return self.fold * cells if self.fold > 1 else self.tile
+
+
+def tiling(samples: int, cells: int, parallel_units: int, rows_per_column: int, itemsize: int) -> Tiling:
+    """Cut ``samples`` x ``cells`` into tiles; ``parallel_units`` tasks run per tile (groups).
+
+    ``rows_per_column``: per-thread buffer elements one folded column needs.
+    """
+    budget = THREAD_WORKSPACE_BYTES // itemsize
+    if cells < FOLD_BELOW and samples > 1:
+        fold = _ceil_div(TARGET_WIDTH, cells)
+        fold = min(fold, max(1, samples * parallel_units // MIN_FOLDED_TASKS))
+        fold = min(fold, max(1, budget // max(1, rows_per_column * cells)), samples)
+        if fold > 1:
+            return Tiling(fold, cells)
+    tile = _ceil_div(samples * cells * parallel_units, TARGET_TASKS)
+    tile = min(_clamp(tile, MIN_TILE, TARGET_WIDTH), cells)
+    return Tiling(1, tile)
+
+
+@dataclass(frozen=True)
+class ScatterPlan:
+    """How ``scatter`` runs: *direct* tasks, or two phases over a shared buffer.
+
+    Direct: tasks are (group, tile of samples, block of ``block`` output
+    channels); each owns its outputs, runs its GEMMs into its own buffer and
+    adds them into the image at once. Used when the shape gives at least
+    ``MIN_DIRECT_TASKS`` such tasks.
+
+    Two phases (few samples and few channels, e.g. a batch of one ending in
+    3 channels): chunks of ``samples`` samples x all groups x ``channels``
+    channels x ``cells`` grid cells; per chunk, a GEMM phase over column tiles
+    into the shared buffer, then a col2im phase over output lines.
+    """
+
+    direct: bool
+    block: int
+    samples: int
+    channels: int
+    cells: int
+    tiling: Tiling
+    shared: int  # elements of the shared column buffer (two phases)
+    per_thread: int  # elements of each thread's buffers
+
+
+def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, itemsize: int) -> ScatterPlan:
+    budget = THREAD_WORKSPACE_BYTES // itemsize
+    fold = min(n, _ceil_div(TARGET_WIDTH, cells)) if cells < FOLD_BELOW else 1
+    fold = min(fold, max(1, budget // (2 * max(p, taps) * cells)))
+    width = fold * cells if fold > 1 else min(cells, TARGET_WIDTH)
+    units = groups * (_ceil_div(n, fold) if fold > 1 else n)
+    packed = p * width if fold > 1 else 0
+    block = min(q, max(_ceil_div(MIN_GEMM_ROWS, taps), _ceil_div(q * units, DIRECT_TASKS)))
+    block = max(1, min(block, (budget - packed) // (width * taps)))
+    if units * _ceil_div(q, block) >= MIN_DIRECT_TASKS:
+        tiles = Tiling(fold, cells) if fold > 1 else Tiling(1, width)
+        return ScatterPlan(True, block, 0, 0, 0, tiles, 0, block * taps * width + packed)
+
+    shared_budget = max(groups * taps, SHARED_WORKSPACE_BYTES // itemsize)
+    per_sample = groups * q * taps * cells
+    if per_sample <= shared_budget:
+        samples, channels, chunk_cells = min(n, shared_budget // per_sample), q, cells
+    elif groups * taps * cells <= shared_budget:
+        samples, channels, chunk_cells = 1, shared_budget // (groups * taps * cells), cells
+    else:
+        samples, channels, chunk_cells = 1, 1, shared_budget // (groups * taps)
+    # folding needs whole samples in the chunk
+    tiles = tiling(samples, chunk_cells, groups, p, itemsize) if chunk_cells == cells else Tiling(
+        1, min(chunk_cells, TARGET_WIDTH))
+    shared = groups * channels * taps * samples * chunk_cells
+    per_thread = p * tiles.width(chunk_cells) if tiles.fold > 1 else 0
+    return ScatterPlan(False, 0, samples, channels, chunk_cells, tiles, shared, per_thread)
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """Tasks are (group, tile); ``rows`` im2col rows per GEMM (all of them unless huge)."""
+
+    tiling: Tiling
+    rows: int
+    per_thread: int
+
+
+def gather_plan(n: int, groups: int, rows_total: int, q: int, cells: int, itemsize: int) -> GatherPlan:
+    tiles = tiling(n, cells, groups, rows_total + q, itemsize)
+    width = tiles.width(cells)
+    result = q * width if tiles.fold > 1 else 0
+    budget = THREAD_WORKSPACE_BYTES // itemsize
+    rows = _clamp((budget - result) // width, 1, rows_total)
+    return GatherPlan(tiles, rows, rows * width + result)
+
+
+@dataclass(frozen=True)
+class WeightGradPlan:
+    """Tasks are (group, block of ``rows`` im2col rows); each sums over all tiles in order."""
+
+    rows: int
+    tiling: Tiling
+    per_thread: int
+
+
+def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int,
+                     itemsize: int) -> WeightGradPlan:
+    rows = _clamp(_ceil_div(groups * rows_total, TARGET_ROW_BLOCKS), MIN_ROW_BLOCK, MAX_ROW_BLOCK)
+    rows = min(rows, rows_total)
+    # Every task walks all tiles, so the tiling only needs wide GEMMs, not many tiles.
+    budget = THREAD_WORKSPACE_BYTES // itemsize
+    if cells < FOLD_BELOW and n > 1:
+        fold = min(n, _ceil_div(TARGET_WIDTH, cells), max(1, budget // ((rows + q) * cells)))
+        tiles = Tiling(fold, cells) if fold > 1 else Tiling(1, cells)
+    else:
+        tiles = Tiling(1, _clamp(budget // rows, 1, cells))
+    width = tiles.width(cells)
+    packed = q * width if tiles.fold > 1 else 0
+    return WeightGradPlan(rows, tiles, rows * width + packed)
+
+
+def check_blas_ints(*sizes: int) -> None:
+    """BLAS takes 32-bit ints: refuse what would not fit rather than wrap around."""
+    if max(sizes) > BLAS_INT_MAX:
+        raise ValueError(
+            f"openmp backend: a GEMM dimension of {max(sizes)} exceeds BLAS's 32-bit limit; "
+            f"use the numpy backend for problems this large"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# index tables, one spatial dim at a time
+# --------------------------------------------------------------------------- #
+def _landing(image: int, grid: int, kernel: int, stride: int, dilation: int, pad: int):
+    """``(taps, cells, image_index)`` as (kernel, grid) arrays."""
+    taps, cells = np.meshgrid(np.arange(kernel), np.arange(grid), indexing="ij")
+    return taps, cells, cells * stride - pad + taps * dilation
+
+
+def image_index_map(image, grid, kernel, stride, dilation, pad) -> np.ndarray:
+    """``map[tap * grid + cell]``: the image index that tap and cell meet, or -1 off the image."""
+    _, _, index = _landing(image, grid, kernel, stride, dilation, pad)
+    index = np.where((index >= 0) & (index < image), index, -1)
+    return np.ascontiguousarray(index.ravel(), dtype=np.intp)
+
+
+def image_entries(image, grid, kernel, stride, dilation, pad):
+    """For each image index, the (tap, cell) pairs that land on it, taps ascending.
+
+    Returns ``(start, taps, cells)``: the pairs of index ``i`` are
+    ``taps[start[i]:start[i + 1]]``, ``cells[...]`` (a CSR layout).
+    """
+    taps, cells, index = _landing(image, grid, kernel, stride, dilation, pad)
+    keep = (index >= 0) & (index < image)
+    taps, cells, index = taps[keep], cells[keep], index[keep]
+    order = np.lexsort((taps, index))
+    start = np.zeros(image + 1, dtype=np.intp)
+    np.cumsum(np.bincount(index, minlength=image), out=start[1:])
+    return (start, np.ascontiguousarray(taps[order], dtype=np.intp),
+            np.ascontiguousarray(cells[order], dtype=np.intp))
+
+
+def tap_runs(image, grid, kernel, stride, dilation, pad):
+    """Per tap, the cells that land inside the image: ``first <= cell <= last``,
+    at image index ``cell * stride + offset``. ``first > last`` when none do."""
+    offset = np.arange(kernel) * dilation - pad
+    first = np.maximum(0, -(offset // stride))  # ceil(-offset / stride)
+    last = np.minimum(grid - 1, (image - 1 - offset) // stride)
+    return (np.ascontiguousarray(first, dtype=np.intp), np.ascontiguousarray(last, dtype=np.intp),
+            np.ascontiguousarray(offset, dtype=np.intp))

@@ -1,0 +1,179 @@
+"""The ``openmp`` backend: plans a call (``_plan``) and runs it on several cores (``_kernels``).
+
+Threads: the budget is ``tconv.get_num_threads()`` (``set_num_threads``,
+else ``TCONV_NUM_THREADS``, else the usable cores). All of it goes to
+OpenMP; BLAS is set to one thread, since each OpenMP thread runs its own
+GEMMs, so the two never oversubscribe the cores.
+
+Reproducibility: the plan depends on the shape and dtype only, so results
+are bitwise identical from run to run and for any thread count (with the
+same BLAS library).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from tconv import _threads
+from tconv._numpy_backend import NumpyBackend
+from tconv.backend import Backend, Geometry, taps_leave_image
+from tconv.registry import get_num_threads
+
+from . import _plan
+
+#: Where im2col's zero-filled taps would meet a NaN or Inf (``0 * NaN`` is
+#: NaN), the tap-by-tap reference gives the definition's result: such calls
+#: (non-finite weights or gradients with padding) go there.
+_EXACT = NumpyBackend()
+
+#: Below this many multiply-adds a call runs on one thread: starting the
+#: others would cost more than it saves (the result is the same either way).
+PARALLEL_MIN_MACS = 1 << 18
+
+
+def _kernels():
+    """The compiled module, or ImportError (kept lazy so importing this module never fails)."""
+    from . import _kernels as kernels
+
+    return kernels
+
+
+@functools.lru_cache(maxsize=128)
+def _tables(geom: Geometry) -> tuple:
+    """Index tables of ``geom`` in the order ``_kernels.make_tables`` reads them.
+
+    Cached: a network calls the same few geometries over and over; the
+    arrays are only ever read.
+    """
+    dims = list(zip(geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin))
+    maps = tuple(_plan.image_index_map(*d) for d in dims)
+    tables = (*maps, *_plan.image_entries(*dims[0]), *_plan.image_entries(*dims[1]),
+              *_plan.tap_runs(*dims[2]))
+    for table in tables:
+        table.setflags(write=False)
+    return tables
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1)
+
+
+def _bias(bias, dtype):
+    if bias is None:
+        return np.zeros(1, dtype=dtype), False
+    return np.ascontiguousarray(bias, dtype=dtype), True
+
+
+class OpenMPBackend(Backend):
+    """Multicore CPU backend: each thread runs its own tasks with single-threaded BLAS."""
+
+    name = "openmp"
+    description = "Cython prange kernels, one single-threaded GEMM per task, for several cores"
+    default_priority = 20
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            kernels = _kernels()
+        except ImportError as exc:
+            return False, f"compiled kernels not importable ({exc}); reinstall tconv-openmp"
+        if not kernels.built_with_openmp():
+            return False, ("built without OpenMP (the compiler took no OpenMP flag, or TCONV_OPENMP=0 "
+                           "was set at build time); "
+                           "reinstall tconv-openmp with an OpenMP-capable compiler")
+        return True, ""
+
+    @staticmethod
+    def _threads(macs: int, tasks: int) -> int:
+        """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread.
+
+        Called after ``_kernels()`` is imported, which loads SciPy's BLAS, so
+        that threadpoolctl sees that library too.
+        """
+        _threads.set_blas_threads(1)
+        if macs < PARALLEL_MIN_MACS:
+            return 1
+        return max(1, min(get_num_threads(), tasks))
+
+    def scatter(self, grid_in, weight, bias, geom):
+        kernels = _kernels()
+        n, c_in = grid_in.shape[:2]
+        g = geom.groups
+        p, q = c_in // g, weight.shape[1]
+        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        dtype = grid_in.dtype
+        plan = _plan.scatter_plan(n, g, p, q, taps, cells, dtype.itemsize)
+        tiling = plan.tiling
+        out = np.empty((n, g * q, *geom.image), dtype=dtype)
+        bias_array, has_bias = _bias(bias, dtype)
+        macs = n * g * p * q * taps * cells
+        if plan.direct:
+            _plan.check_blas_ints(cells, q * taps, p, tiling.width(cells))
+            units = g * (-(-n // tiling.fold) if tiling.fold > 1 else n)
+            threads = self._threads(macs, units * -(-q // plan.block))
+            work = np.empty(threads * plan.per_thread, dtype=dtype)
+            kernels.scatter_direct(
+                _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
+                geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
+                plan.block, tiling.fold, tiling.tile, plan.per_thread, threads,
+            )
+            return out
+        _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
+        threads = self._threads(macs, g * tiling.tiles(plan.samples, plan.cells))
+        cols = np.empty(plan.shared, dtype=dtype)
+        work = np.empty(max(1, threads * plan.per_thread), dtype=dtype)
+        kernels.scatter(
+            _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), cols, work,
+            geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
+            plan.samples, plan.channels, plan.cells, tiling.fold, tiling.tile, plan.per_thread,
+            threads,
+        )
+        return out
+
+    def gather(self, image_in, weight, bias, geom):
+        kernels = _kernels()
+        if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
+            return _EXACT.gather(image_in, weight, bias, geom)
+        n, c_in = image_in.shape[:2]
+        g = geom.groups
+        p, q = c_in // g, weight.shape[0] // g
+        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        dtype = image_in.dtype
+        plan = _plan.gather_plan(n, g, p * taps, q, cells, dtype.itemsize)
+        tiling = plan.tiling
+        _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
+        tasks = g * tiling.tiles(n, cells)
+        threads = self._threads(n * g * p * q * taps * cells, tasks)
+        out = np.empty((n, g * q, *geom.grid), dtype=dtype)
+        work = np.empty(threads * plan.per_thread, dtype=dtype)
+        bias_array, has_bias = _bias(bias, dtype)
+        kernels.gather(
+            _flat(image_in), _flat(weight), bias_array, has_bias, _flat(out), work,
+            geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
+            tiling.fold, tiling.tile, plan.rows, plan.per_thread, threads,
+        )
+        return out
+
+    def weight_grad(self, image_in, grid_in, geom):
+        kernels = _kernels()
+        if taps_leave_image(geom) and not kernels.all_finite(_flat(grid_in), get_num_threads()):
+            return _EXACT.weight_grad(image_in, grid_in, geom)
+        n, c_img = image_in.shape[:2]
+        g = geom.groups
+        p, q = c_img // g, grid_in.shape[1] // g
+        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        dtype = image_in.dtype
+        plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, dtype.itemsize)
+        tiling = plan.tiling
+        _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
+        tasks = g * -(-(p * taps) // plan.rows)
+        threads = self._threads(n * g * p * q * taps * cells, tasks)
+        out = np.empty((g * q, p, *geom.kernel), dtype=dtype)
+        work = np.empty(threads * plan.per_thread, dtype=dtype)
+        kernels.weight_grad(
+            _flat(image_in), _flat(grid_in), _flat(out), work,
+            geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
+            plan.rows, tiling.fold, tiling.tile, plan.per_thread, threads,
+        )
+        return out

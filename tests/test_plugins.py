@@ -1,0 +1,361 @@
+"""The plugin mechanism and the two in-repo plugins (``backends/openmp``, ``backends/cupy``).
+
+Selection is checked in fresh interpreters (``TCONV_BACKEND`` is read by the
+process), a broken plugin through a real entry point in a throwaway
+dist-info, and the OpenMP backend's promises directly: every plan path
+agrees with the reference, results are bitwise the same for any thread
+count, BLAS runs single-threaded under it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tconv
+from tconv import registry
+from tconv._numpy_backend import NumpyBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_SOURCES = [ROOT / "backends" / "openmp", ROOT / "backends" / "cupy"]
+
+
+def _infos() -> dict:
+    return {info.name: info for info in tconv.list_backends()}
+
+
+def _run(code: str, extra_path=(), **env_vars) -> str:
+    """Run ``code`` in a fresh interpreter (no inherited TCONV_* settings); its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCONV_")}
+    path = [*map(str, extra_path), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    env.update(env_vars)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+SELECT = """
+import numpy as np, tconv
+try:
+    name = tconv.get_backend()
+    out = tconv.conv_transpose2d(np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3)))
+    print("OK", name, type(out).__module__, float(out.sum()))
+except tconv.BackendError as exc:
+    print("ERROR", exc)
+"""
+
+
+# --------------------------------------------------------------------------- #
+# selection and defaults, in fresh interpreters
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("name", sorted(_infos()))
+def test_tconv_backend_selects_each_backend_or_says_why_not(name):
+    info = _infos()[name]
+    line = _run(SELECT, TCONV_BACKEND=name)
+    if info.available:
+        # 4 input cells x 9 taps of ones: 36, whichever backend computes it
+        assert line == f"OK {name} numpy 36.0", line
+    else:
+        assert line.startswith("ERROR") and name in line and info.reason in line, line
+
+
+def test_tconv_backend_unknown_name_lists_the_available_ones():
+    line = _run(SELECT, TCONV_BACKEND="no-such-backend")
+    assert line.startswith("ERROR") and "no-such-backend" in line
+    for name, info in _infos().items():
+        if info.available:
+            assert name in line
+
+
+def test_default_is_openmp_when_installed_and_never_cupy():
+    infos = _infos()
+    name = _run(SELECT).split()[1]
+    assert name != "cupy"
+    if infos.get("openmp") is not None and infos["openmp"].available:
+        assert name == "openmp"
+    elif infos.get("blas") is not None and infos["blas"].available:
+        assert name == "blas"
+
+
+def test_an_available_gpu_backend_is_still_never_chosen_implicitly(restore_backend_choice):
+    """cupy's default_priority is None: even where it can run, it is used only when asked for."""
+    cupy_backend = pytest.importorskip("tconv_cupy").CupyBackend
+    assert cupy_backend.default_priority is None
+
+    class AvailableCupy(cupy_backend):
+        def availability(self):
+            return True, ""
+
+    registry.register_backend(AvailableCupy(), name="cupy")
+    try:
+        assert tconv.get_backend() != "cupy"
+    finally:
+        registry.reload_backends()
+
+
+@pytest.mark.parametrize("dist, name, target", [
+    ("tconv-openmp", "openmp", "tconv_openmp:OpenMPBackend"),
+    ("tconv-cupy", "cupy", "tconv_cupy:CupyBackend"),
+])
+def test_installed_plugins_register_through_the_entry_point_group(dist, name, target):
+    found = {ep.name: ep for ep in entry_points(group=registry.ENTRY_POINT_GROUP)}
+    if name not in found:
+        pytest.skip(f"{dist} is not installed (pip install ./backends/{name})")
+    assert found[name].value == target
+    assert name in _infos()
+
+
+@pytest.mark.parametrize("source", PLUGIN_SOURCES, ids=lambda p: p.name)
+def test_plugin_distributions_declare_their_entry_point(source):
+    text = (source / "pyproject.toml").read_text()
+    assert '[project.entry-points."tconv.backends"]' in text
+    assert "cupy-cuda" not in text.split("[project.optional-dependencies]")[0], \
+        "CuPy must be an extra, not a hard dependency"
+
+
+# --------------------------------------------------------------------------- #
+# a plugin that raises on import, through a real entry point
+# --------------------------------------------------------------------------- #
+BROKEN_PROBE = """
+import numpy as np, tconv
+info = {i.name: i for i in tconv.list_backends()}["broken"]
+print("LISTED", info.available, info.reason)
+print("STILL", tconv.get_backend() != "broken",
+      float(tconv.conv_transpose1d(np.ones((1, 1, 2)), np.ones((1, 1, 2))).sum()))
+try:
+    tconv.set_backend("broken")
+except tconv.BackendError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_a_plugin_that_raises_on_import_is_listed_with_its_error(tmp_path):
+    package = tmp_path / "tconv_broken_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("the broken plugin exploded")\n')
+    dist_info = tmp_path / "tconv_broken_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tconv-broken-plugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[tconv.backends]\nbroken = tconv_broken_plugin:Backend\n")
+    lines = _run(BROKEN_PROBE, extra_path=[tmp_path]).splitlines()
+    listed, still, refused = lines[-3], lines[-2], lines[-1]
+    assert listed.startswith("LISTED False") and "the broken plugin exploded" in listed, listed
+    assert "RuntimeError" in listed
+    assert still == "STILL True 4.0", still
+    assert refused.startswith("REFUSED") and "broken" in refused and "exploded" in refused
+
+
+# --------------------------------------------------------------------------- #
+# the OpenMP backend
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def openmp():
+    info = _infos().get("openmp")
+    if info is None:  # e.g. CI's run of the core without plugins
+        pytest.skip("tconv-openmp is not installed (pip install ./backends/openmp)")
+    if not info.available:
+        if os.environ.get("CI"):  # installed but broken: that must not pass unnoticed
+            pytest.fail(f"the openmp plugin is installed but cannot run: {info.reason}")
+        pytest.skip(f"openmp backend unavailable: {info.reason}")
+    import tconv_openmp
+
+    return tconv_openmp
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    tconv.set_num_threads(None)
+
+
+def _case(rng, ndim, n, c_in, c_out, groups, size, kernel, stride, dilation, dtype=np.float64):
+    """Arrays for a transposed and a regular convolution on the same input."""
+    x = rng.standard_normal((n, c_in) + (size,) * ndim).astype(dtype)
+    w = rng.standard_normal((c_in, c_out // groups) + (kernel,) * ndim).astype(dtype)
+    wc = rng.standard_normal((c_out, c_in // groups) + (kernel,) * ndim).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype)
+    return x, w, wc, b, dict(stride=stride, padding=1, dilation=dilation, groups=groups)
+
+
+def _all_primitives(x, w, wc, b, kw, ndim, backend):
+    """Forward and the input and weight gradients of the transposed and the regular convolution."""
+    ct = getattr(tconv, f"conv_transpose{ndim}d")
+    ctb = getattr(tconv, f"conv_transpose{ndim}d_backward")
+    cv = getattr(tconv, f"conv{ndim}d")
+    cvb = getattr(tconv, f"conv{ndim}d_backward")
+    y = ct(x, w, b, **kw, backend=backend)
+    dy = np.cos(np.arange(y.size)).astype(y.dtype).reshape(y.shape)
+    z = cv(x, wc, b, **kw, backend=backend)
+    dz = np.sin(np.arange(z.size)).astype(z.dtype).reshape(z.shape)
+    needs = ("input", "weight")
+    return [y, *ctb(dy, x, w, **kw, needs=needs, backend=backend)[:2],
+            z, *cvb(dz, x, wc, **kw, needs=needs, backend=backend)[:2]]
+
+
+# Each forces one path of the plan (budgets in float64 elements of the
+# transposed forward call; the other calls take whatever path that gives).
+G, N, C_IN, C_OUT = 2, 5, 4, 6
+SIZE = {1: 9, 2: 5, 3: 4}
+
+
+TWO_PHASE = dict(MIN_DIRECT_TASKS=10**9)  # scatter without enough direct tasks
+
+
+def _plan_path(path: str, ndim: int) -> dict:
+    taps, cells = 3**ndim, SIZE[ndim] ** ndim
+    folded = dict(MIN_FOLDED_TASKS=1, TARGET_WIDTH=2 * cells + 1)
+    tiles = dict(FOLD_BELOW=0, MIN_TILE=7, TARGET_WIDTH=7, TARGET_TASKS=10**6)
+    return {
+        # 2-3 samples per GEMM, the last tile partial
+        "folded": folded,
+        "folded_two_phase": {**folded, **TWO_PHASE},
+        # slices of one sample, the last one partial
+        "column_tiles": tiles,
+        "column_tiles_two_phase": {**tiles, **TWO_PHASE},
+        # direct scatter: output channels in blocks of 2 (the last one partial)
+        "channel_blocks": dict(MIN_GEMM_ROWS=1, FOLD_BELOW=0, DIRECT_TASKS=(C_OUT // G) * G * N // 2),
+        # im2col rows in several GEMMs; weight_grad column tiles of 2
+        "row_chunks": dict(THREAD_WORKSPACE_BYTES=8 * 20, FOLD_BELOW=0, MIN_TILE=4),
+        # scatter's shared buffer: one channel at a time, or a third of the cells
+        "chunk_by_channels": dict(SHARED_WORKSPACE_BYTES=8 * G * taps * cells, **TWO_PHASE),
+        "chunk_by_cells": dict(SHARED_WORKSPACE_BYTES=8 * G * taps * max(1, cells // 3), **TWO_PHASE),
+        # weight_grad: one im2col row per task
+        "small_blocks": dict(MIN_ROW_BLOCK=1, MAX_ROW_BLOCK=1, TARGET_ROW_BLOCKS=10**6),
+    }[path]
+
+
+PATHS = ["folded", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
+         "row_chunks", "chunk_by_channels", "chunk_by_cells", "small_blocks"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_openmp_every_plan_path_agrees_with_numpy(openmp, monkeypatch, restore_threads, path, ndim,
+                                                  assert_close):
+    from tconv_openmp import _plan
+
+    for attr, value in _plan_path(path, ndim).items():
+        assert hasattr(_plan, attr), attr
+        monkeypatch.setattr(_plan, attr, value)
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(2)
+    rng = np.random.default_rng(ndim)
+    arrays = _case(rng, ndim, n=N, c_in=C_IN, c_out=C_OUT, groups=G, size=SIZE[ndim], kernel=3,
+                   stride=2, dilation=1)
+    expected = _all_primitives(*arrays, ndim, "numpy")
+    got = _all_primitives(*arrays, ndim, "openmp")
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
+    """Each budget above cuts the transposed forward call (and its gradients) as its name says."""
+    from tconv_openmp import _plan
+
+    p, q, taps, cells = C_IN // G, C_OUT // G, 3**ndim, SIZE[ndim] ** ndim
+    image_cells = (2 * SIZE[ndim] - 1) ** ndim  # stride 2, kernel 3, padding 1
+
+    def plans(path):
+        with monkeypatch.context() as patch:
+            for attr, value in _plan_path(path, ndim).items():
+                patch.setattr(_plan, attr, value)
+            return (_plan.scatter_plan(N, G, p, q, taps, cells, 8),
+                    _plan.gather_plan(N, G, q * taps, p, cells, 8),
+                    _plan.weight_grad_plan(N, G, q * taps, p, cells, 8))
+
+    scatter, gather, grad = plans("folded")
+    assert scatter.direct and scatter.tiling.fold > 1 and N % scatter.tiling.fold
+    assert gather.tiling.fold > 1 and grad.tiling.fold > 1
+    scatter, gather, grad = plans("folded_two_phase")
+    assert not scatter.direct and scatter.tiling.fold > 1 and scatter.samples % scatter.tiling.fold
+    for path in ("column_tiles", "column_tiles_two_phase"):
+        scatter, gather, grad = plans(path)
+        assert scatter.direct == (path == "column_tiles") and scatter.tiling.fold == 1
+        assert cells % scatter.tiling.tile and scatter.tiling.tile < cells
+        assert gather.tiling.fold == 1 and cells % gather.tiling.tile
+    scatter, gather, grad = plans("channel_blocks")
+    assert scatter.direct and scatter.block == 2 and q % 2
+    scatter, gather, grad = plans("row_chunks")
+    assert gather.rows < q * taps and grad.tiling.tile < cells
+    scatter, gather, grad = plans("chunk_by_channels")
+    assert scatter.samples == 1 and scatter.channels < q and scatter.cells == cells
+    scatter, gather, grad = plans("chunk_by_cells")
+    assert scatter.channels == 1 and scatter.cells < cells
+    scatter, gather, grad = plans("small_blocks")
+    assert grad.rows == 1
+    assert image_cells > cells
+
+
+def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, monkeypatch,
+                                                                       restore_threads):
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(7)
+    arrays = _case(rng, 2, n=6, c_in=12, c_out=8, groups=2, size=11, kernel=3, stride=2,
+                   dilation=2, dtype=np.float32)
+    runs = []
+    for threads in (1, 2, 3, 2, 1):
+        tconv.set_num_threads(threads)
+        runs.append(_all_primitives(*arrays, 2, "openmp"))
+    for run in runs[1:]:
+        for a, c in zip(runs[0], run):
+            assert np.array_equal(a, c)
+
+
+def test_openmp_leaves_blas_single_threaded_under_its_threads(openmp, restore_threads):
+    from threadpoolctl import threadpool_info
+
+    tconv.set_num_threads(2)
+    tconv.conv_transpose2d(np.ones((2, 8, 9, 9)), np.ones((8, 8, 3, 3)), backend="openmp")
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
+
+
+def test_openmp_refuses_gemm_sizes_beyond_blas_ints(openmp):
+    from tconv_openmp import _plan
+
+    with pytest.raises(ValueError, match="32-bit"):
+        _plan.check_blas_ints(3, 2**31)
+
+
+def test_openmp_unavailable_without_openmp_or_without_its_build(openmp, monkeypatch):
+    backend = openmp.OpenMPBackend()
+    monkeypatch.setattr(openmp.backend._kernels(), "built_with_openmp", lambda: False)
+    available, reason = backend.availability()
+    assert not available and "without OpenMP" in reason
+
+    def missing():
+        raise ImportError("no module named tconv_openmp._kernels")
+
+    monkeypatch.setattr(openmp.backend, "_kernels", missing)
+    available, reason = backend.availability()
+    assert not available and "_kernels" in reason
+
+
+def test_openmp_is_a_tconv_backend_with_a_rank_above_blas(openmp):
+    backend = openmp.OpenMPBackend()
+    assert isinstance(backend, tconv.backend.Backend)
+    assert backend.name == "openmp" and backend.default_priority > 10
+    assert not isinstance(backend, NumpyBackend)
+
+
+def test_openmp_source_imports_without_its_compiled_kernels():
+    """Importing the package must never fail: a missing build is an availability reason."""
+    code = textwrap.dedent("""
+        import sys, types
+        sys.modules["tconv_openmp._kernels"] = None   # as if the extension were absent
+        import tconv_openmp
+        print(tconv_openmp.OpenMPBackend().availability())
+    """)
+    line = _run(code, extra_path=[ROOT / "backends" / "openmp"])
+    assert line.startswith("(False,") and "reinstall tconv-openmp" in line
