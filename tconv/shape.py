@@ -283,10 +283,17 @@ def reachable_output_sizes(
     padding: Padding = 0,
     dilation: IntOrSeq = 1,
 ) -> tuple[range, ...]:
-    """Per dim, the output sizes that some ``output_padding`` reaches (PyTorch's rule)."""
+    """Per dim, the sizes ``smallest .. smallest + stride - 1`` that ``output_padding``
+    ``0 .. stride - 1`` give (PyTorch's rule); ``smallest`` may be below 1, where
+    only the positive sizes of the range exist."""
     inp, kernel = _sizes(input_size, kernel_size)
-    strides = per_dim(stride, len(inp), "stride")
-    smallest = conv_transpose_output_size(inp, kernel, strides, padding, 0, dilation)
+    ndim = len(inp)
+    strides = per_dim(stride, ndim, "stride")
+    dil = per_dim(dilation, ndim, "dilation")
+    _check_positive(strides, "stride")
+    _check_positive(dil, "dilation")
+    begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=True)
+    smallest = transposed_size(inp, kernel, strides, begin, end, (0,) * ndim, dil)
     return tuple(range(m, m + s) for m, s in zip(smallest, strides))
 
 
@@ -318,11 +325,13 @@ def output_padding_for(
     wanted = per_dim(output_size, ndim, "output_size")
     reachable = reachable_output_sizes(inp, kernel, stride, padding, dilation)
     for dim, (want, sizes) in enumerate(zip(wanted, reachable)):
-        if want not in sizes:
+        if want < 1 or want not in sizes:
+            positive = range(max(1, sizes.start), sizes.stop)
+            which = f"{positive.start}..{positive.stop - 1}" if positive else "none (all below 1)"
             raise ValueError(
                 f"output_size {wanted} is not reachable: in spatial dim {dim} the sizes "
                 f"reachable with this kernel, stride, padding and dilation are "
-                f"{sizes.start}..{sizes.stop - 1} (output_padding 0..{len(sizes) - 1}), got {want}"
+                f"{which} (output_padding 0..{len(sizes) - 1}), got {want}"
             )
     return tuple(w - r.start for w, r in zip(wanted, reachable))
 

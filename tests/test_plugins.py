@@ -312,9 +312,10 @@ def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, 
             assert np.array_equal(a, c)
 
 
-def test_openmp_leaves_blas_single_threaded_under_its_threads(openmp, restore_threads):
+def test_openmp_leaves_blas_single_threaded_under_its_threads(openmp, monkeypatch, restore_threads):
     from threadpoolctl import threadpool_info
 
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)  # small calls run the blas kernels
     tconv.set_num_threads(2)
     tconv.conv_transpose2d(np.ones((2, 8, 9, 9)), np.ones((8, 8, 3, 3)), backend="openmp")
     blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]

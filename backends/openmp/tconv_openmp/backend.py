@@ -13,10 +13,12 @@ same BLAS library).
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
 from tconv import _threads
+from tconv._blas_backend import BlasBackend
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image
 from tconv.registry import get_num_threads
@@ -28,9 +30,12 @@ from . import _plan
 #: (non-finite weights or gradients with padding) go there.
 _EXACT = NumpyBackend()
 
-#: Below this many multiply-adds a call runs on one thread: starting the
-#: others would cost more than it saves (the result is the same either way).
+#: Below this many multiply-adds a call runs on the core's ``blas`` kernels,
+#: on one thread: starting threads (and this backend's planning) would cost
+#: more than the work. The choice depends on the shape alone, so results stay
+#: independent of the thread count.
 PARALLEL_MIN_MACS = 1 << 18
+_SMALL = BlasBackend()
 
 
 def _kernels():
@@ -85,33 +90,28 @@ class OpenMPBackend(Backend):
         return True, ""
 
     @staticmethod
-    def _threads(macs: int, tasks: int) -> int:
-        """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread.
-
-        Called after ``_kernels()`` is imported, which loads SciPy's BLAS, so
-        that threadpoolctl sees that library too.
-        """
+    def _threads(tasks: int) -> int:
+        """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread."""
         _threads.set_blas_threads(1)
-        if macs < PARALLEL_MIN_MACS:
-            return 1
         return max(1, min(get_num_threads(), tasks))
 
     def scatter(self, grid_in, weight, bias, geom):
-        kernels = _kernels()
         n, c_in = grid_in.shape[:2]
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
-        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
+        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
+            return _SMALL.scatter(grid_in, weight, bias, geom)
+        kernels = _kernels()
         dtype = grid_in.dtype
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, dtype.itemsize)
         tiling = plan.tiling
         out = np.empty((n, g * q, *geom.image), dtype=dtype)
         bias_array, has_bias = _bias(bias, dtype)
-        macs = n * g * p * q * taps * cells
         if plan.direct:
             _plan.check_blas_ints(cells, q * taps, p, tiling.width(cells))
             units = g * (-(-n // tiling.fold) if tiling.fold > 1 else n)
-            threads = self._threads(macs, units * -(-q // plan.block))
+            threads = self._threads(units * -(-q // plan.block))
             work = np.empty(threads * plan.per_thread, dtype=dtype)
             kernels.scatter_direct(
                 _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
@@ -120,7 +120,7 @@ class OpenMPBackend(Backend):
             )
             return out
         _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
-        threads = self._threads(macs, g * tiling.tiles(plan.samples, plan.cells))
+        threads = self._threads(g * tiling.tiles(plan.samples, plan.cells))
         cols = np.empty(plan.shared, dtype=dtype)
         work = np.empty(max(1, threads * plan.per_thread), dtype=dtype)
         kernels.scatter(
@@ -132,19 +132,21 @@ class OpenMPBackend(Backend):
         return out
 
     def gather(self, image_in, weight, bias, geom):
-        kernels = _kernels()
-        if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
-            return _EXACT.gather(image_in, weight, bias, geom)
         n, c_in = image_in.shape[:2]
         g = geom.groups
         p, q = c_in // g, weight.shape[0] // g
-        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
+        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
+            return _SMALL.gather(image_in, weight, bias, geom)
+        kernels = _kernels()
+        if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
+            return _EXACT.gather(image_in, weight, bias, geom)
         dtype = image_in.dtype
         plan = _plan.gather_plan(n, g, p * taps, q, cells, dtype.itemsize)
         tiling = plan.tiling
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * tiling.tiles(n, cells)
-        threads = self._threads(n * g * p * q * taps * cells, tasks)
+        threads = self._threads(tasks)
         out = np.empty((n, g * q, *geom.grid), dtype=dtype)
         work = np.empty(threads * plan.per_thread, dtype=dtype)
         bias_array, has_bias = _bias(bias, dtype)
@@ -156,19 +158,21 @@ class OpenMPBackend(Backend):
         return out
 
     def weight_grad(self, image_in, grid_in, geom):
-        kernels = _kernels()
-        if taps_leave_image(geom) and not kernels.all_finite(_flat(grid_in), get_num_threads()):
-            return _EXACT.weight_grad(image_in, grid_in, geom)
         n, c_img = image_in.shape[:2]
         g = geom.groups
         p, q = c_img // g, grid_in.shape[1] // g
-        taps, cells = int(np.prod(geom.kernel)), int(np.prod(geom.grid))
+        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
+        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
+            return _SMALL.weight_grad(image_in, grid_in, geom)
+        kernels = _kernels()
+        if taps_leave_image(geom) and not kernels.all_finite(_flat(grid_in), get_num_threads()):
+            return _EXACT.weight_grad(image_in, grid_in, geom)
         dtype = image_in.dtype
         plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, dtype.itemsize)
         tiling = plan.tiling
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * -(-(p * taps) // plan.rows)
-        threads = self._threads(n * g * p * q * taps * cells, tasks)
+        threads = self._threads(tasks)
         out = np.empty((g * q, p, *geom.kernel), dtype=dtype)
         work = np.empty(threads * plan.per_thread, dtype=dtype)
         kernels.weight_grad(
