@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 
 from . import shape
+from .shape import MAX_EXTENT
 from .backend import Backend, Geometry
 from .registry import resolve_backend
 
-# Sizes past this are refused up front: they cannot be allocated anyway, and
-# keeping every index product far from 2**63 means the kernels' Py_ssize_t
-# arithmetic cannot overflow.
-MAX_EXTENT = 2**40
+
+#: Arrays of more elements than this are refused up front (nothing can hold them).
 MAX_ELEMENTS = 2**56
 
 
@@ -110,14 +109,19 @@ def _dtypes(fname: str, *arrays) -> tuple[np.dtype, np.dtype]:
     return result, result
 
 
-def _check_size(fname: str, what: str, spatial, channels: int, batch: int) -> None:
+def _check_size(fname: str, what: str, spatial, channels: int, batch: int, because: str) -> None:
+    """Refuse sizes nothing could allocate; ``because`` names the arguments that gave them."""
     if any(s > MAX_EXTENT for s in spatial):
-        raise ValueError(f"{fname}: {what} size {tuple(spatial)} is too large (limit {MAX_EXTENT} per dim)")
+        raise ValueError(
+            f"{fname}: {what} size {tuple(spatial)} is too large (limit {MAX_EXTENT} per dim), from {because}"
+        )
     total = batch * channels
     for s in spatial:
         total *= s
     if total > MAX_ELEMENTS:
-        raise ValueError(f"{fname}: {what} would have {total} elements, more than can be allocated")
+        raise ValueError(
+            f"{fname}: {what} would have {total} elements, more than can be allocated, from {because}"
+        )
 
 
 def _lift(sizes: tuple[int, ...], fill: int) -> tuple[int, int, int]:
@@ -258,8 +262,6 @@ def _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, out
         if any(v < minimum for v in values):
             what = "positive" if minimum == 1 else "non-negative"
             raise ValueError(f"{fname}: {name} must be {what}, got {value!r}")
-        if any(v > MAX_EXTENT for v in values):
-            raise ValueError(f"{fname}: {name} {value!r} is too large (limit {MAX_EXTENT})")
         return values
 
     stride = dims(stride, "stride", 1)
@@ -292,8 +294,6 @@ def _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, out
         )
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{fname}: {exc}") from None
-    if any(p > MAX_EXTENT for p in pad_begin + pad_end):
-        raise ValueError(f"{fname}: padding {padding!r} is too large (limit {MAX_EXTENT})")
     pads = tuple(zip(pad_begin, pad_end))
 
     if wanted is not None and not same_mode:
@@ -320,8 +320,11 @@ def _plan(fname, engine, transposed, ndim, x, weight, bias, stride, padding, out
             f"{fname}: output size {out_spatial} is below 1 for input size {in_spatial}, "
             f"kernel {kernel}, stride {stride}, padding {padding!r}, dilation {dilation}"
         )
-    _check_size(fname, "output", out_spatial, c_out, n)
-    _check_size(fname, "kernel extent", tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel)), 1, 1)
+    because = (f"x of shape {tuple(x.shape)}, weight of shape {tuple(weight.shape)}, stride {stride}, "
+               f"padding {padding!r}, output_padding {output_padding}, dilation {dilation}")
+    _check_size(fname, "output", out_spatial, c_out, n, because)
+    _check_size(fname, "kernel extent (dilation * (kernel - 1) + 1)",
+                tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel)), 1, 1, because)
 
     image, grid = (out_spatial, in_spatial) if transposed else (in_spatial, out_spatial)
     geom = Geometry(

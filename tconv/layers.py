@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import functional as F
+from ._args import MAX_ELEMENTS
 from .shape import per_dim
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1d", "Conv2d", "Conv3d"]
@@ -35,14 +36,29 @@ class _ConvNd:
         kernel = per_dim(kernel_size, self.ndim, f"{name}: kernel_size")
         if min(kernel) < 1:
             raise ValueError(f"{name}: kernel_size must be positive, got {kernel_size!r}")
-        dtype = np.dtype(dtype)
+        weight_size = in_channels * (out_channels // groups) * math.prod(kernel)
+        if weight_size > MAX_ELEMENTS:
+            raise ValueError(
+                f"{name}: a weight of in_channels={in_channels} x out_channels/groups="
+                f"{out_channels // groups} x kernel_size={kernel} has {weight_size} elements, "
+                f"more than can be allocated"
+            )
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"{name}: dtype must be a float dtype, got {dtype!r} ({exc})") from None
         if dtype.kind != "f":
             raise TypeError(f"{name}: dtype must be a float dtype, got {dtype}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.groups, self.dilation = groups, dilation
 
-        rng = np.random.default_rng(rng)
+        try:
+            rng = np.random.default_rng(rng)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{name}: rng must be None, a seed or a numpy Generator, got {rng!r} ({exc})"
+            ) from None
         if self.transposed:
             shape = (in_channels, out_channels // groups, *kernel)
         else:

@@ -16,12 +16,20 @@ padding forms (int, per-dim ints, ``(begin, end)`` pairs, ``"valid"``,
 from __future__ import annotations
 
 import operator
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
 
 IntOrSeq = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
 
 PADDING_MODES = ("valid", "same", "same_lower")
+
+#: Sizes, strides, dilations and paddings past this are refused: nothing that
+#: large can be allocated, and keeping every index product far from 2**63 means
+#: the compiled kernels' Py_ssize_t arithmetic cannot overflow.
+MAX_EXTENT = 2**40
 
 __all__ = [
     "conv_transpose_output_size",
@@ -37,28 +45,38 @@ __all__ = [
 # --------------------------------------------------------------------------- #
 # argument helpers (shared with the API module)
 # --------------------------------------------------------------------------- #
+def _is_int(value) -> bool:
+    """An integer scalar (Python or NumPy, 0-d arrays included); bools are not."""
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+        return False
+    return not (isinstance(value, np.ndarray) and value.ndim > 0)  # arrays have __index__ too
+
+
 def as_int(value, name: str) -> int:
     """``value`` as a Python int; bools and non-integers are a TypeError."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    if not _is_int(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return operator.index(value)
 
 
 def per_dim(value, ndim: int, name: str) -> tuple[int, ...]:
     """Expand an int or a sequence of ``ndim`` ints to a tuple of ``ndim`` ints."""
-    if isinstance(value, str) or value is None:
+    if _is_int(value):
+        return _bounded((operator.index(value),) * ndim, name)
+    if not _is_sequence(value):
         raise TypeError(f"{name} must be an int or {ndim} ints, got {value!r}")
-    if hasattr(value, "__index__") and not isinstance(value, bool):
-        return (operator.index(value),) * ndim
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or {ndim} ints, got {value!r}") from None
+    items = tuple(value)
     if len(items) != ndim:
         raise ValueError(
             f"{name} must be an int or {ndim} ints (one per spatial dim), got {value!r}"
         )
-    return tuple(as_int(v, name) for v in items)
+    return _bounded(tuple(as_int(v, name) for v in items), name)
+
+
+def _bounded(values: tuple[int, ...], name: str) -> tuple[int, ...]:
+    if any(abs(v) > MAX_EXTENT for v in values):
+        raise ValueError(f"{name} {values} is too large (limit {MAX_EXTENT} per dim)")
+    return values
 
 
 def _check_positive(values: tuple[int, ...], name: str) -> None:
@@ -72,37 +90,58 @@ def _check_non_negative(values: tuple[int, ...], name: str) -> None:
 
 
 def _sizes(input_size: IntOrSeq, kernel_size: IntOrSeq) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if hasattr(input_size, "__index__") and not isinstance(input_size, bool):
-        ndim = len(kernel_size) if isinstance(kernel_size, (tuple, list)) else 1
+    """Validate the sizes; the number of spatial dims is ``input_size``'s (or the
+    kernel's, when ``input_size`` is a bare int)."""
+    if _is_int(input_size):
+        ndim = 1 if _is_int(kernel_size) else len(_as_tuple(kernel_size, "kernel_size"))
         input_size = per_dim(input_size, ndim, "input_size")
     else:
-        input_size = per_dim(input_size, len(tuple(input_size)), "input_size")
-    ndim = len(input_size)
-    kernel = per_dim(kernel_size, ndim, "kernel_size")
+        items = _as_tuple(input_size, "input_size")
+        if not 1 <= len(items) <= 3:
+            raise ValueError(f"input_size must give 1 to 3 spatial sizes, got {input_size!r}")
+        input_size = per_dim(items, len(items), "input_size")
+        if not _is_int(kernel_size) and len(_as_tuple(kernel_size, "kernel_size")) != len(items):
+            raise ValueError(
+                f"input_size {input_size} and kernel_size {kernel_size!r} give different numbers "
+                f"of spatial dims"
+            )
+    kernel = per_dim(kernel_size, len(input_size), "kernel_size")
     _check_non_negative(input_size, "input_size")
     _check_positive(kernel, "kernel_size")
     return input_size, kernel
 
 
+def _as_tuple(value, name: str) -> tuple:
+    if not _is_sequence(value):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}")
+    return tuple(value)
+
+
+def _is_sequence(value) -> bool:
+    """A list, tuple, range or array of values; not a string, set or mapping (no order)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def _numeric_padding(padding, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """int | per-dim ints | per-dim (begin, end) pairs -> (begins, ends)."""
-    if hasattr(padding, "__index__") and not isinstance(padding, bool):
+    if _is_int(padding):
         p = operator.index(padding)
         begin = end = (p,) * ndim
     else:
-        try:
-            items = tuple(padding)
-        except TypeError:
+        if not _is_sequence(padding) and not isinstance(padding, np.ndarray):
             raise TypeError(
                 f"padding must be an int, {ndim} ints, {ndim} (begin, end) pairs or one of "
                 f"{PADDING_MODES}, got {padding!r}"
-            ) from None
+            )
+        items = tuple(padding)
         if len(items) != ndim:
             raise ValueError(
                 f"padding must be an int, {ndim} ints or {ndim} (begin, end) pairs "
                 f"(one per spatial dim), got {padding!r}"
             )
-        if all(isinstance(i, (tuple, list)) for i in items):
+        if all(isinstance(i, (tuple, list, np.ndarray)) for i in items):
             if any(len(i) != 2 for i in items):
                 raise ValueError(f"padding pairs must be (begin, end), got {padding!r}")
             begin = tuple(as_int(i[0], "padding") for i in items)
@@ -111,6 +150,7 @@ def _numeric_padding(padding, ndim: int) -> tuple[tuple[int, ...], tuple[int, ..
             begin = end = tuple(as_int(i, "padding") for i in items)
     if any(v < 0 for v in begin + end):
         raise ValueError(f"padding must be non-negative, got {padding!r}")
+    _bounded(begin + end, "padding")
     return begin, end
 
 
@@ -218,14 +258,14 @@ def conv_transpose_output_size(
     _check_positive(dil, "dilation")
     _check_non_negative(op, "output_padding")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, op, transposed=True)
-    return _positive(transposed_size(inp, kernel, strides, begin, end, op, dil), inp)
+    return _positive(transposed_size(inp, kernel, strides, begin, end, op, dil), inp, kernel, strides, padding, dil)
 
 
-def _positive(sizes: tuple[int, ...], input_size: tuple[int, ...]) -> tuple[int, ...]:
+def _positive(sizes: tuple[int, ...], input_size, kernel, stride, padding, dilation) -> tuple[int, ...]:
     if min(sizes) < 1:
         raise ValueError(
-            f"output size {sizes} is below 1 for input size {input_size}: the kernel, "
-            f"padding and stride leave no output cell"
+            f"output size {sizes} is below 1 for input_size {input_size}, kernel_size {kernel}, "
+            f"stride {stride}, padding {padding!r}, dilation {dilation}: no output cell is left"
         )
     return sizes
 
@@ -273,7 +313,7 @@ def conv_output_size(
     _check_positive(strides, "stride")
     _check_positive(dil, "dilation")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=False)
-    return _positive(regular_size(inp, kernel, strides, begin, end, dil), inp)
+    return _positive(regular_size(inp, kernel, strides, begin, end, dil), inp, kernel, strides, padding, dil)
 
 
 def reachable_output_sizes(
@@ -331,7 +371,7 @@ def output_padding_for(
             raise ValueError(
                 f"output_size {wanted} is not reachable: in spatial dim {dim} the sizes "
                 f"reachable with this kernel, stride, padding and dilation are "
-                f"{which} (output_padding 0..{len(sizes) - 1}), got {want}"
+                f"{which} (output_padding 0..{sizes.stop - sizes.start - 1}), got {want}"
             )
     return tuple(w - r.start for w, r in zip(wanted, reachable))
 
