@@ -21,6 +21,16 @@ from hypothesis import strategies as st
 import oracle
 import tconv
 
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests (long fuzz, timing, soak) run only when asked for with ``-m slow``."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
 # Bounded example counts keep the suite fast; deadline=None because the
 # first call of a backend (imports, BLAS warm-up) is much slower than the rest.
 settings.register_profile(

@@ -27,13 +27,6 @@ THREADS = 8
 ROUNDS = 4
 
 
-@pytest.fixture(autouse=True)
-def _slow_is_opt_in(request):
-    """``slow`` tests run only when asked for with ``-m slow``."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("slow: run with -m slow")
-
-
 def problems():
     """(name, callable(backend) -> tuple of arrays): every public function, mixed sizes."""
     rng = np.random.default_rng(42)

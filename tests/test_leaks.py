@@ -38,13 +38,6 @@ WARMUP = 200
 RSS_SLACK_MIB = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _slow_is_opt_in(request):
-    """``slow`` tests run only when asked for with ``-m slow``."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("slow: run with -m slow")
-
-
 def _expect_error(fn, *args, **kwargs):
     try:
         fn(*args, **kwargs)

@@ -31,13 +31,6 @@ CI_CASES = int(os.environ.get("TCONV_FUZZ_CI_CASES", "2000"))
 SLOW_CASES = int(os.environ.get("TCONV_FUZZ_CASES", "20000"))
 
 
-@pytest.fixture(autouse=True)
-def _slow_is_opt_in(request):
-    """``slow`` tests run only when asked for with ``-m slow``."""
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("slow: run with -m slow")
-
-
 # --------------------------------------------------------------------------- #
 # 1. the table
 # --------------------------------------------------------------------------- #
