@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Any, Callable, Iterator
 
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -264,7 +265,7 @@ def print_report(document: dict[str, Any], out: Console | None = None) -> None:
         "high-water growth (every allocator, not reused pages), beyond inputs and output."
     )
     for note in notes:
-        out.print(f"[dim]note:[/] {note}")
+        out.print(f"[dim]note:[/] {escape(note)}")  # notes quote reasons like "tconv-cupy[cuda12]"
 
 
 # --------------------------------------------------------------------------- #
