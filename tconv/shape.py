@@ -84,6 +84,15 @@ def _check_positive(values: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name} must be positive, got {values}")
 
 
+def _stride_dilation(stride, dilation, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``stride`` and ``dilation`` per dim, both checked positive."""
+    strides = per_dim(stride, ndim, "stride")
+    dil = per_dim(dilation, ndim, "dilation")
+    _check_positive(strides, "stride")
+    _check_positive(dil, "dilation")
+    return strides, dil
+
+
 def _check_non_negative(values: tuple[int, ...], name: str) -> None:
     if any(v < 0 for v in values):
         raise ValueError(f"{name} must be non-negative, got {values}")
@@ -208,10 +217,7 @@ def resolve_padding(
         raise ValueError(f"padding must be an int, ints, pairs or one of {PADDING_MODES}, got {padding!r}")
     if mode == "valid":
         return (0,) * ndim, (0,) * ndim
-    strides = per_dim(stride, ndim, "stride")
-    dil = per_dim(dilation, ndim, "dilation")
-    _check_positive(strides, "stride")
-    _check_positive(dil, "dilation")
+    strides, dil = _stride_dilation(stride, dilation, ndim)
     extent = tuple(d * (k - 1) + 1 for d, k in zip(dil, kernel))
     if transposed:
         op = per_dim(output_padding, ndim, "output_padding")
@@ -251,11 +257,8 @@ def conv_transpose_output_size(
     """
     inp, kernel = _sizes(input_size, kernel_size)
     ndim = len(inp)
-    strides = per_dim(stride, ndim, "stride")
-    dil = per_dim(dilation, ndim, "dilation")
+    strides, dil = _stride_dilation(stride, dilation, ndim)
     op = per_dim(output_padding, ndim, "output_padding")
-    _check_positive(strides, "stride")
-    _check_positive(dil, "dilation")
     _check_non_negative(op, "output_padding")
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, op, transposed=True)
     return _positive(transposed_size(inp, kernel, strides, begin, end, op, dil), inp, kernel, strides, padding, dil)
@@ -308,10 +311,7 @@ def conv_output_size(
     """
     inp, kernel = _sizes(input_size, kernel_size)
     ndim = len(inp)
-    strides = per_dim(stride, ndim, "stride")
-    dil = per_dim(dilation, ndim, "dilation")
-    _check_positive(strides, "stride")
-    _check_positive(dil, "dilation")
+    strides, dil = _stride_dilation(stride, dilation, ndim)
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=False)
     return _positive(regular_size(inp, kernel, strides, begin, end, dil), inp, kernel, strides, padding, dil)
 
@@ -328,10 +328,7 @@ def reachable_output_sizes(
     only the positive sizes of the range exist."""
     inp, kernel = _sizes(input_size, kernel_size)
     ndim = len(inp)
-    strides = per_dim(stride, ndim, "stride")
-    dil = per_dim(dilation, ndim, "dilation")
-    _check_positive(strides, "stride")
-    _check_positive(dil, "dilation")
+    strides, dil = _stride_dilation(stride, dilation, ndim)
     begin, end = resolve_padding(padding, inp, kernel, strides, dil, transposed=True)
     smallest = transposed_size(inp, kernel, strides, begin, end, (0,) * ndim, dil)
     return tuple(range(m, m + s) for m, s in zip(smallest, strides))
