@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend
+from tconv._blas_backend import BlasBackend, scatter_route
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image
 from tconv.registry import get_num_threads
@@ -100,7 +100,9 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
+        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS or scatter_route(geom, p) == "single-cell":
+            # small, or a one-cell grid (a generator's first layer): the core's kernels do
+            # it with no col2im at all, as one GEMM threaded by BLAS
             return _SMALL.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
