@@ -5,6 +5,11 @@ tiles whose work buffers fit ``WORKSPACE_BYTES`` whatever the batch size:
 small images are folded (several samples per GEMM, so the GEMM stays wide),
 large ones are cut into column ranges. The kernels allocate the buffers per
 call, so concurrent calls from several threads share no state.
+
+A transposed convolution takes one of three routes (``scatter_route``):
+GEMM + col2im in general; one GEMM straight into the output for a one-cell
+grid; or, at stride 1 with deep reductions, a regular convolution (im2col +
+GEMM) with the flipped kernel.
 """
 
 from __future__ import annotations
