@@ -210,10 +210,12 @@ def info_report() -> dict:
 
 
 def _blas_user(path: str) -> str:
-    """Who calls a BLAS library, guessed from where its wheel put it."""
-    if "scipy" in path:
+    """Who calls a BLAS library, guessed from the folder its wheel put it in
+    (both wheels name their library ``libscipy_openblas``: the folder tells)."""
+    folder = os.path.basename(os.path.dirname(path))
+    if folder.startswith("scipy"):
         return "SciPy: the blas backend's GEMM (scipy.linalg.cython_blas)"
-    if "numpy" in path:
+    if folder.startswith("numpy"):
         return "NumPy (the numpy backend's matmul and tensordot)"
     return ""
 
