@@ -447,7 +447,7 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
     cdef Py_ssize_t P = c_in // groups, Q = weight.shape[1], K = g.taps, L = g.grid_cells
     cdef Py_ssize_t c_out = Q * groups
-    cdef Py_ssize_t b, gi, ti, q0, qb, i
+    cdef Py_ssize_t b, gi, ti, q0, qb
     cdef Tile t
     cdef const floating* x = &grid_in[0, 0, 0, 0, 0]
     cdef const floating* w = &weight[0, 0, 0, 0, 0]
