@@ -10,7 +10,6 @@ function, the argument, the value, and what was expected.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
