@@ -14,6 +14,7 @@ GEMM) with the flipped kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -50,6 +51,11 @@ MIN_GEMM_COLUMNS = 256
 #: output directly, which beats col2im once channels are many.
 FLIPPED_GATHER_MIN_DEPTH = 1024
 
+#: Folded scatter tiles of at least this many samples use the sample-minor
+#: ("interleaved") column order: col2im then adds runs of that many
+#: contiguous values instead of walking grid rows a few cells long.
+INTERLEAVE_MIN_SAMPLES = 8
+
 _BLAS_INT_MAX = 2**31 - 1
 
 
@@ -61,10 +67,13 @@ class TilePlan:
     cols_per_tile: int
     n_tiles: int
     row_block: int  # scatter: output channels per GEMM (all of them unless the kernel is huge)
+    interleaved: bool = False  # scatter: folded columns ordered sample-minor (see _blas_core)
 
     def describe(self) -> str:
         if self.samples_per_tile > 1:
             how = f"{self.samples_per_tile} samples folded per GEMM"
+            if self.interleaved:
+                how += ", sample-minor"
         else:
             how = f"{self.cols_per_tile} columns per GEMM"
         return f"{how}, {self.n_tiles} tiles"
@@ -128,7 +137,16 @@ def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TileP
     """Tiles of ``cols (q*K, T) = W^T X``: K rows per output channel, P packed rows."""
     taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
     _check_blas_ints(grid_cells, q * taps, p)
-    return plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
+    plan = plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
+    if plan.samples_per_tile < INTERLEAVE_MIN_SAMPLES:
+        return plan
+    # the interleaved accumulator holds q * image cells per sample: about
+    # q * image / grid more elements per GEMM column
+    accumulator = q * -(-math.prod(geom.image) // grid_cells)
+    plan = plan_tiles(n, grid_cells, q * taps, p + accumulator, itemsize, row_unit=taps, row_units=q)
+    if plan.samples_per_tile < INTERLEAVE_MIN_SAMPLES:
+        return plan
+    return dataclasses.replace(plan, interleaved=True)
 
 
 @functools.lru_cache(maxsize=512)
@@ -175,7 +193,7 @@ class BlasBackend(Backend):
         _threads.set_blas_threads(get_num_threads())
         _blas_core.scatter(
             grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block, plan.interleaved,
         )
         return out
 

@@ -377,6 +377,110 @@ cdef void unpack_add_tile(const floating* src, Py_ssize_t rows, floating* dst, P
                 b[j] += a[j]
 
 
+# --------------------------------------------------------------------------- #
+# sample-innermost tiles: folded samples with short grid rows
+# --------------------------------------------------------------------------- #
+# When many small samples are folded into one tile, the plain layout puts a
+# sample's grid cells side by side, so col2im walks rows as short as the grid
+# (4 cells in a 4x4 grid) with a stride: loop overhead, no vector code. The
+# interleaved layout orders a tile's GEMM columns cell-major, sample-minor
+# (column l * nt + s), so every col2im step adds nt contiguous values into an
+# accumulator laid out (channel, image cell, sample) the same way; one
+# transposing store at the end writes each output element exactly once.
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void pack_tile_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows,
+                                Py_ssize_t cells, floating* dst, const Tile* t) noexcept nogil:
+    """dst[r * cols + l * nt + s] = src[(n0 + s) * stride_n + r * cells + l] (whole samples)."""
+    cdef Py_ssize_t r, s, l, nt = t.nt
+    cdef const floating* a
+    cdef floating* b
+    for r in range(rows):
+        for s in range(nt):
+            a = src + (t.n0 + s) * stride_n + r * cells
+            b = dst + r * t.cols + s
+            for l in range(cells):
+                b[l * nt] = a[l]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void fill_interleaved(floating* acc, Py_ssize_t channels, Py_ssize_t per_channel,
+                           const floating* bias, bint has_bias) noexcept nogil:
+    """acc[c, :] = bias[c] (or 0), ``per_channel`` elements per channel."""
+    cdef Py_ssize_t c, i
+    cdef floating value
+    for c in range(channels):
+        if has_bias:
+            value = bias[c]
+            for i in range(per_channel):
+                acc[c * per_channel + i] = value
+        else:
+            memset(acc + c * per_channel, 0, per_channel * sizeof(floating))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_scatter_interleaved(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
+                                     Py_ssize_t rows, floating* acc, Py_ssize_t nt) noexcept nogil:
+    """Add an interleaved column buffer into ``acc[(c * I + image cell) * nt + s]``."""
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, s
+    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
+    cdef Py_ssize_t ow0, step = g.stride[2] * nt
+    cdef const floating* src
+    cdef const floating* src_run
+    cdef floating* dst
+    cdef floating* dst_run
+    for c in range(channels):
+        dst = acc + c * g.image_cells * nt
+        for kd in range(g.kernel[0]):
+            valid_grid_range(g, 0, kd, &first_d, &last_d)
+            for kh in range(g.kernel[1]):
+                valid_grid_range(g, 1, kh, &first_h, &last_h)
+                for kw in range(g.kernel[2]):
+                    valid_grid_range(g, 2, kw, &first_w, &last_w)
+                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
+                                  + kh * g.kernel[2] + kw) * tile_cols
+                    ow0 = kw * g.dilation[2] - g.pad[2]
+                    for ld in range(first_d, last_d + 1):
+                        for lh in range(first_h, last_h + 1):
+                            dst_run = dst + (((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                                              + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2]
+                                             + ow0 + first_w * g.stride[2]) * nt
+                            src_run = src + ((ld * g.grid[1] + lh) * g.grid[2] + first_w) * nt
+                            for lw in range(last_w - first_w + 1):
+                                for s in range(nt):
+                                    dst_run[lw * step + s] += src_run[lw * nt + s]
+
+
+cdef enum:
+    STORE_BLOCK = 64
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void store_interleaved(const floating* acc, Py_ssize_t channels, Py_ssize_t cells,
+                            floating* out, Py_ssize_t stride_n, Py_ssize_t nt) noexcept nogil:
+    """out[s * stride_n + c * cells + i] = acc[(c * cells + i) * nt + s].
+
+    A transpose, in blocks of STORE_BLOCK accumulator rows: the block's cache
+    lines are read nt times while they are still in L1.
+    """
+    cdef Py_ssize_t s, i, i0, i1, n_values = channels * cells
+    cdef floating* b
+    i0 = 0
+    while i0 < n_values:
+        i1 = i0 + STORE_BLOCK if i0 + STORE_BLOCK < n_values else n_values
+        for s in range(nt):
+            b = out + s * stride_n
+            for i in range(i0, i1):
+                b[i] = acc[i * nt + s]
+        i0 = i1
+
+
 cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_sample_tile,
                          Py_ssize_t n_samples, Py_ssize_t grid_cells) noexcept nogil:
     """The index-th tile of the plan (samples folded, or columns of one sample split)."""
@@ -436,12 +540,14 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
             const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
             tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
             Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-            Py_ssize_t n_tiles, Py_ssize_t q_block):
+            Py_ssize_t n_tiles, Py_ssize_t q_block, bint interleaved):
     """col2im: ``out = bias + scatter(grid_in, weight)`` (transposed conv forward).
 
     Per tile, group and block of ``q_block`` output channels:
     ``cols (q_block*K, T) = W_g[:, block]^T (q_block*K, P) @ X_tile (P, T)``,
-    then the cols are added into ``out``.
+    then the cols are added into ``out``. ``interleaved`` (folded tiles
+    only) orders the tile's columns sample-minor and accumulates in a
+    buffer of ``q_block * image cells * samples_per_tile`` elements.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
@@ -457,22 +563,29 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef Py_ssize_t ld_operand
     cdef Workspace ws
     cdef floating* cols
+    cdef floating* acc
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
+    cdef Py_ssize_t acc_size = q_block * g.image_cells * samples_per_tile if interleaved else 0
     cdef floating one = 1, zero = 0
 
     with nogil:
-        for b in range(n):
-            fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
+        if not interleaved:  # interleaved tiles store every output element themselves
+            for b in range(n):
+                fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
         workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
-                        P * cols_per_tile * sizeof(floating) if folded else 0,
+                        (P * cols_per_tile + acc_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile))
         cols = <floating*>ws.cols
+        acc = <floating*>ws.packed + P * cols_per_tile
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
-                if folded:
+                if interleaved:
+                    pack_tile_interleaved(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, &t)
+                    operand, ld_operand = <floating*>ws.packed, t.cols
+                elif folded:
                     pack_tile(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, &t)
                     operand, ld_operand = <floating*>ws.packed, t.cols
                 else:
@@ -486,9 +599,17 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
                     # transposed. C = cols^T, col-major (T x qb*K) = row-major (qb*K x T).
                     gemm(c'N', c'T', t.cols, qb * K, P, one, operand, ld_operand,
                          w + gi * P * Q * K + q0 * K, Q * K, zero, cols, t.cols)
-                    col2im_scatter(&g, cols, t.cols, qb * K,
-                                   y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
-                                   g.image_cells, &t, ws.rows, n_rows)
+                    if interleaved:
+                        fill_interleaved(acc, qb, g.image_cells * t.nt,
+                                         bias_ptr + gi * Q + q0 if has_bias else NULL, has_bias)
+                        col2im_scatter_interleaved(&g, cols, t.cols, qb * K, acc, t.nt)
+                        store_interleaved(acc, qb, g.image_cells,
+                                          y + t.n0 * c_out * g.image_cells + (gi * Q + q0) * g.image_cells,
+                                          c_out * g.image_cells, t.nt)
+                    else:
+                        col2im_scatter(&g, cols, t.cols, qb * K,
+                                       y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
+                                       g.image_cells, &t, ws.rows, n_rows)
                     q0 += qb
         workspace_free(&ws)
 
