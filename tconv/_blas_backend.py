@@ -138,12 +138,22 @@ def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TileP
     taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
     _check_blas_ints(grid_cells, q * taps, p)
     plan = plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
+    # sample-minor: an accumulator of q image-sized channels per sample
+    return _sample_minor(plan, lambda extra: plan_tiles(
+        n, grid_cells, q * taps, p + extra, itemsize, row_unit=taps, row_units=q), q, geom)
+
+
+def _sample_minor(plan: TilePlan, replan, channels: int, geom: Geometry) -> TilePlan:
+    """``plan``, switched to sample-minor columns when it folds enough samples.
+
+    Sample-minor tiles also hold ``channels`` image-sized channels per sample
+    (scatter's accumulator, or the packed image im2col reads): ``replan(extra)``
+    plans again with ``extra`` more elements per GEMM column.
+    """
     if plan.samples_per_tile < INTERLEAVE_MIN_SAMPLES:
         return plan
-    # the interleaved accumulator holds q * image cells per sample: about
-    # q * image / grid more elements per GEMM column
-    accumulator = q * -(-math.prod(geom.image) // grid_cells)
-    plan = plan_tiles(n, grid_cells, q * taps, p + accumulator, itemsize, row_unit=taps, row_units=q)
+    grid_cells = math.prod(geom.grid)
+    plan = replan(channels * -(-math.prod(geom.image) // grid_cells))
     if plan.samples_per_tile < INTERLEAVE_MIN_SAMPLES:
         return plan
     return dataclasses.replace(plan, interleaved=True)
@@ -157,6 +167,9 @@ def gather_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> tuple[
                 and geom.pad_begin == (0, 0, 0) and geom.image == geom.grid)
     _check_blas_ints(grid_cells, p * taps, q)
     plan = plan_tiles(n, grid_cells, 0 if identity else p * taps, q + (p if identity else 0), itemsize)
+    if not identity:  # (a 1x1 convolution has no im2col to speed up)
+        plan = _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize),
+                             p, geom)
     return plan, identity
 
 
@@ -165,7 +178,8 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     """Tiles of ``gw (Q, P*K) += dY cols^T``."""
     taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
     _check_blas_ints(grid_cells, p * taps, q)
-    return plan_tiles(n, grid_cells, p * taps, q, itemsize)
+    plan = plan_tiles(n, grid_cells, p * taps, q, itemsize)
+    return _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize), p, geom)
 
 
 class BlasBackend(Backend):
@@ -240,7 +254,7 @@ class BlasBackend(Backend):
         _threads.set_blas_threads(get_num_threads())
         _blas_core.gather(
             image_in, weight, *_bias_arg(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity, plan.interleaved,
         )
         return out
 
@@ -254,7 +268,7 @@ class BlasBackend(Backend):
         _threads.set_blas_threads(get_num_threads())
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved,
         )
         return out
 

@@ -390,16 +390,20 @@ cdef void unpack_add_tile(const floating* src, Py_ssize_t rows, floating* dst, P
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void pack_tile_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows,
-                                Py_ssize_t cells, floating* dst, const Tile* t) noexcept nogil:
-    """dst[r * cols + l * nt + s] = src[(n0 + s) * stride_n + r * cells + l] (whole samples)."""
+cdef void pack_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows,
+                           Py_ssize_t cells, floating* dst, Py_ssize_t ld, const Tile* t) noexcept nogil:
+    """dst[r * ld + l * nt + s] = src[(n0 + s) * stride_n + r * cells + l] (whole samples).
+
+    Packs a folded tile's grid operand (``cells`` = grid cells, ``ld`` = tile
+    columns) or its image (``cells`` = image cells) sample-minor.
+    """
     cdef Py_ssize_t r, s, l, nt = t.nt
     cdef const floating* a
     cdef floating* b
     for r in range(rows):
         for s in range(nt):
             a = src + (t.n0 + s) * stride_n + r * cells
-            b = dst + r * t.cols + s
+            b = dst + r * ld + s
             for l in range(cells):
                 b[l * nt] = a[l]
 
@@ -454,6 +458,53 @@ cdef void col2im_scatter_interleaved(const Geom* g, const floating* cols, Py_ssi
                             for lw in range(last_w - first_w + 1):
                                 for s in range(nt):
                                     dst_run[lw * step + s] += src_run[lw * nt + s]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void im2col_gather_interleaved(const Geom* g, const floating* image, Py_ssize_t rows,
+                                    floating* cols, Py_ssize_t tile_cols, Py_ssize_t nt) noexcept nogil:
+    """cols[(c * K + tap) * tile_cols + l * nt + s] = image[(c * I + image cell) * nt + s],
+    zero where the tap falls outside the image (``image`` packed by ``pack_interleaved``)."""
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, lo, hi
+    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
+    cdef Py_ssize_t ow0, step = g.stride[2] * nt, run = g.grid[2] * nt
+    cdef const floating* src
+    cdef const floating* src_run
+    cdef floating* dst
+    cdef floating* line
+    for c in range(channels):
+        src = image + c * g.image_cells * nt
+        for kd in range(g.kernel[0]):
+            valid_grid_range(g, 0, kd, &first_d, &last_d)
+            for kh in range(g.kernel[1]):
+                valid_grid_range(g, 1, kh, &first_h, &last_h)
+                for kw in range(g.kernel[2]):
+                    valid_grid_range(g, 2, kw, &first_w, &last_w)
+                    lo, hi = first_w, last_w + 1
+                    if hi < lo:
+                        lo = hi = 0
+                    dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
+                                  + kh * g.kernel[2] + kw) * tile_cols
+                    ow0 = kw * g.dilation[2] - g.pad[2]
+                    for ld in range(g.grid[0]):
+                        for lh in range(g.grid[1]):
+                            line = dst + (ld * g.grid[1] + lh) * run
+                            if ld < first_d or ld > last_d or lh < first_h or lh > last_h:
+                                memset(line, 0, run * sizeof(floating))
+                                continue
+                            src_run = src + (((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                                              + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2]
+                                             + ow0 + lo * g.stride[2]) * nt
+                            memset(line, 0, lo * nt * sizeof(floating))
+                            if g.stride[2] == 1:
+                                memcpy(line + lo * nt, src_run, (hi - lo) * nt * sizeof(floating))
+                            else:
+                                for lw in range(hi - lo):
+                                    memcpy(line + (lo + lw) * nt, src_run + lw * step, nt * sizeof(floating))
+                            memset(line + hi * nt, 0, (run - hi * nt) * sizeof(floating))
 
 
 cdef enum:
@@ -583,7 +634,7 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 if interleaved:
-                    pack_tile_interleaved(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, &t)
+                    pack_interleaved(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, t.cols, &t)
                     operand, ld_operand = <floating*>ws.packed, t.cols
                 elif folded:
                     pack_tile(x + gi * P * L, c_in * L, P, L, <floating*>ws.packed, &t)
@@ -620,11 +671,13 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
            const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-           Py_ssize_t n_tiles, bint identity_map):
+           Py_ssize_t n_tiles, bint identity_map, bint interleaved):
     """im2col: ``out = bias + W_g (Q, P*K) @ cols (P*K, T)`` (regular conv forward).
 
     ``identity_map`` (1x1 kernel, stride 1, no padding) skips im2col: the
-    image itself is the column buffer.
+    image itself is the column buffer. ``interleaved`` (folded tiles, not
+    with ``identity_map``) packs the tile's image sample-minor first, so
+    im2col copies runs of ``samples_per_tile`` values.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_in = image_in.shape[1]
@@ -641,21 +694,35 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Workspace ws
     cdef floating* cols
     cdef floating* result
+    cdef floating* image_tile
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
+    cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
     cdef floating one = 1, zero = 0
 
     with nogil:
-        for b in range(n):
-            fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
+        if not interleaved:  # interleaved tiles store every output element themselves
+            for b in range(n):
+                fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating) if folded or not identity_map else 0,
-                        Q * cols_per_tile * sizeof(floating) if folded else 0,
+                        (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile))
         cols, result = <floating*>ws.cols, <floating*>ws.packed
+        image_tile = result + Q * cols_per_tile
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
+                if interleaved:
+                    pack_interleaved(x + gi * P * g.image_cells, c_in * g.image_cells, P, g.image_cells,
+                                     image_tile, g.image_cells * t.nt, &t)
+                    im2col_gather_interleaved(&g, image_tile, P * K, cols, t.cols, t.nt)
+                    fill_interleaved(result, Q, t.cols, bias_ptr + gi * Q if has_bias else NULL, has_bias)
+                    # as below, into `result` (columns sample-minor), then transposed out
+                    gemm(c'N', c'N', t.cols, Q, P * K, one, cols, t.cols,
+                         w + gi * Q * P * K, P * K, one, result, t.cols)
+                    store_interleaved(result, Q, L, y + t.n0 * c_out * L + gi * Q * L, c_out * L, t.nt)
+                    continue
                 if identity_map and not folded:
                     operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
                 elif identity_map:
@@ -686,8 +753,11 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
                 floating[:, :, :, :, ::1] out,
                 tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                 Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                Py_ssize_t n_tiles):
-    """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``, summed over tiles in order."""
+                Py_ssize_t n_tiles, bint interleaved):
+    """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``, summed over tiles in order.
+
+    ``interleaved`` (folded tiles) orders both operands' columns sample-minor.
+    """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
     cdef Py_ssize_t P = c_img // groups, Q = c_grid // groups, K = g.taps, L = g.grid_cells
@@ -700,26 +770,37 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef Py_ssize_t ld_operand
     cdef Workspace ws
     cdef floating* cols
+    cdef floating* image_tile
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
+    cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
     cdef floating one = 1
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
-                        Q * cols_per_tile * sizeof(floating) if folded else 0,
+                        (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile))
         cols = <floating*>ws.cols
+        image_tile = <floating*>ws.packed + Q * cols_per_tile
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
-                im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
-                              g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
-                if folded:
+                if interleaved:  # both operands' columns sample-minor
+                    pack_interleaved(x + gi * P * g.image_cells, c_img * g.image_cells, P, g.image_cells,
+                                     image_tile, g.image_cells * t.nt, &t)
+                    im2col_gather_interleaved(&g, image_tile, P * K, cols, t.cols, t.nt)
+                    pack_interleaved(dy + gi * Q * L, c_grid * L, Q, L, <floating*>ws.packed, t.cols, &t)
+                    operand, ld_operand = <floating*>ws.packed, t.cols
+                elif folded:
+                    im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
+                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
                     pack_tile(dy + gi * Q * L, c_grid * L, Q, L, <floating*>ws.packed, &t)
                     operand, ld_operand = <floating*>ws.packed, t.cols
                 else:
+                    im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
+                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
                     operand, ld_operand = dy + t.n0 * c_grid * L + gi * Q * L + t.l0, L
                 # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major)
                 # is col-major (T x P*K), transposed -> (P*K x T); dY_tile (Q x T, row

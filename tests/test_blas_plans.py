@@ -1,11 +1,13 @@
-"""Every way the ``blas`` backend cuts a transposed convolution gives the definition.
+"""Every way the ``blas`` backend cuts a call gives the definition's result.
 
-The plan (``tconv._blas_backend``) picks a route and a tiling from the shape:
-column ranges of one sample, whole samples folded side by side (plain or
-sample-minor "interleaved" columns), blocks of output channels, a one-cell
-grid as a single GEMM, stride 1 as a regular convolution. Each test forces
-one of them by shrinking the plan's budgets, checks that the plan really
-took it, and compares with the plain-loop definition (``tests/oracle.py``).
+The plan (``tconv._blas_backend``) picks a tiling from the shape: column
+ranges of one sample, whole samples folded side by side, with their columns
+sample-major (plain) or sample-minor ("interleaved"), and for col2im blocks
+of output channels. Each test forces one of them by changing the plan's
+budgets, checks that the plans really took it, and compares the transposed
+and the regular convolution, forward and both gradients, with the ``numpy``
+backend (tap by tap, no tiles) and the transposed forward with the plain-loop
+definition (``tests/oracle.py``).
 """
 
 from __future__ import annotations
@@ -15,34 +17,64 @@ import pytest
 
 import oracle
 import tconv
+from tconv.backend import Geometry
 
 blas_backend = pytest.importorskip("tconv._blas_backend")
 if blas_backend._blas_core is None:
     pytest.skip("the compiled core is not built", allow_module_level=True)
 
-# name: (monkeypatched plan constants, what describe_plan must say)
+N, C_IN, C_OUT, GROUPS = 11, 4, 6, 2
+SIZE = {1: 7, 2: 4, 3: 3}
+KW = dict(stride=2, padding=1, output_padding=1, groups=GROUPS)
+
+# name: (plan constants, what every plan's description must say)
 PATHS = {
     "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=7), "columns per GEMM"),
     "folded_plain": (dict(INTERLEAVE_MIN_SAMPLES=10**9), "samples folded per GEMM"),
     "folded_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2), "sample-minor"),
-    # a budget too small for every output channel's rows at once: channel blocks
+    # col2im's budget too small for all output channels at once (set per ndim below)
     "channel_blocks_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2, MIN_GEMM_COLUMNS=10**9,
                                         CACHE_TILE_BYTES=1), "sample-minor"),
 }
-N, SIZE = 11, {1: 7, 2: 4, 3: 3}
 
 
-def _arrays(rng, ndim, n, c_in, c_out, groups, size, kernel):
-    x = rng.standard_normal((n, c_in) + (size,) * ndim)
-    w = rng.standard_normal((c_in, c_out // groups) + (kernel,) * ndim)
-    b = rng.standard_normal(c_out)
-    return x, w, b
+def _geometry(ndim: int) -> Geometry:
+    """The lifted 3-D geometry of the transposed calls below."""
+    lead = 3 - ndim
+    grid = (1,) * lead + (SIZE[ndim],) * ndim
+    image = (1,) * lead + (2 * SIZE[ndim],) * ndim  # (g - 1) * 2 - 2 + 2 + 1 + 1
+    return Geometry(image=image, grid=grid, kernel=(1,) * lead + (3,) * ndim,
+                    stride=(1,) * lead + (2,) * ndim, dilation=(1, 1, 1),
+                    pad_begin=(0,) * lead + (1,) * ndim, groups=GROUPS)
+
+
+def _plans(ndim: int) -> list:
+    """The plans of col2im and of the gradients' im2col (input and weight)."""
+    geom, p, q = _geometry(ndim), C_IN // GROUPS, C_OUT // GROUPS
+    # the gradients (and the regular convolution below, image 2S -> grid S) map
+    # the same geometry with the image's channels first
+    return [blas_backend.scatter_plan(geom, N, p, q, 8),
+            blas_backend.gather_plan(geom, N, q, p, 8)[0],
+            blas_backend.weight_grad_plan(geom, N, q, p, 8)]
+
+
+def _everything(x, w, wc, b, ndim, backend):
+    ct, ctb = getattr(tconv, f"conv_transpose{ndim}d"), getattr(tconv, f"conv_transpose{ndim}d_backward")
+    cv, cvb = getattr(tconv, f"conv{ndim}d"), getattr(tconv, f"conv{ndim}d_backward")
+    y = ct(x, w, b, **KW, backend=backend)
+    dy = np.cos(np.arange(y.size)).reshape(y.shape)
+    conv_kw = dict(stride=2, padding=1, groups=GROUPS)
+    z = cv(y, wc, b[:C_IN] if b is not None else None, **conv_kw, backend=backend)
+    dz = np.sin(np.arange(z.size)).reshape(z.shape)
+    needs = ("input", "weight")
+    return [y, *ctb(dy, x, w, **KW, needs=needs, backend=backend)[:2],
+            z, *cvb(dz, y, wc, **conv_kw, needs=needs, backend=backend)[:2]]
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_scatter_plan_paths_match_the_definition(monkeypatch, path, ndim, with_bias, assert_close):
+def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, assert_close):
     constants, described = PATHS[path]
     for name, value in constants.items():
         assert hasattr(blas_backend, name), name
@@ -50,32 +82,28 @@ def test_scatter_plan_paths_match_the_definition(monkeypatch, path, ndim, with_b
     if path == "channel_blocks_interleaved":
         # room for 1.5 output channels' rows (3**ndim each) over all N * cells columns
         monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 8 * 3 * 3**ndim * N * SIZE[ndim] ** ndim // 2)
-    blas_backend.scatter_plan.cache_clear()  # plans are cached by shape
+    plan_caches = (blas_backend.scatter_plan, blas_backend.gather_plan, blas_backend.weight_grad_plan)
+    for cached in plan_caches:  # plans are cached by shape
+        cached.cache_clear()
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim)
+    w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
+    wc = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
+    b = rng.standard_normal(C_OUT) if with_bias else None
     try:
-        x, w, b = _arrays(np.random.default_rng(ndim), ndim, n=N, c_in=4, c_out=6, groups=2,
-                          size=SIZE[ndim], kernel=3)
-        bias = b if with_bias else None
-        got = getattr(tconv, f"conv_transpose{ndim}d")(
-            x, w, bias, stride=2, padding=1, output_padding=1, groups=2, backend="blas")
-        plan = blas_backend.scatter_plan(_geometry(x, w, ndim), N, 2, 3, x.itemsize)
+        got = _everything(x, w, wc, b, ndim, "blas")
+        plans = _plans(ndim)
     finally:
-        blas_backend.scatter_plan.cache_clear()
-    assert described in plan.describe(), plan
+        for cached in plan_caches:
+            cached.cache_clear()
+    for plan in plans:
+        assert described in plan.describe(), plan
     if path == "channel_blocks_interleaved":
-        assert plan.row_block < w.shape[1], plan
-    expected = oracle.conv_transpose_loops(
-        x, w, bias, stride=(2,) * ndim, pad_begin=(1,) * ndim, pad_end=(1,) * ndim,
-        output_padding=(1,) * ndim, dilation=(1,) * ndim, groups=2)
-    assert_close(got, expected)
-
-
-def _geometry(x, w, ndim):
-    """The backend's Geometry of these calls (stride 2, padding 1, output_padding 1, groups 2)."""
-    from tconv.backend import Geometry
-
-    lead = 3 - ndim
-    grid = (1,) * lead + x.shape[2:]
-    kernel = (1,) * lead + w.shape[2:]
-    image = (1,) * lead + tuple((g - 1) * 2 - 2 + (k - 1) + 2 for g, k in zip(x.shape[2:], w.shape[2:]))
-    return Geometry(image=image, grid=grid, kernel=kernel, stride=(1,) * lead + (2,) * ndim,
-                    dilation=(1, 1, 1), pad_begin=(0,) * lead + (1,) * ndim, groups=2)
+        assert plans[0].row_block < C_OUT // GROUPS, plans[0]
+    expected = _everything(x, w, wc, b, ndim, "numpy")
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    definition = oracle.conv_transpose_loops(
+        x, w, b, stride=(2,) * ndim, pad_begin=(1,) * ndim, pad_end=(1,) * ndim,
+        output_padding=(1,) * ndim, dilation=(1,) * ndim, groups=GROUPS)
+    assert_close(got[0], definition)
