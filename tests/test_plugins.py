@@ -213,11 +213,13 @@ TWO_PHASE = dict(MIN_DIRECT_TASKS=10**9)  # scatter without enough direct tasks
 
 def _plan_path(path: str, ndim: int) -> dict:
     taps, cells = 3**ndim, SIZE[ndim] ** ndim
-    folded = dict(MIN_FOLDED_TASKS=1, TARGET_WIDTH=2 * cells + 1)
+    folded = dict(MIN_FOLDED_TASKS=1, TARGET_WIDTH=2 * cells + 1, INTERLEAVE_MIN_SAMPLES=10**9)
     tiles = dict(FOLD_BELOW=0, MIN_TILE=7, TARGET_WIDTH=7, TARGET_TASKS=10**6)
     return {
         # 2-3 samples per GEMM, the last tile partial
         "folded": folded,
+        # the same, columns sample-minor (direct scatter)
+        "folded_interleaved": {**folded, "INTERLEAVE_MIN_SAMPLES": 2},
         "folded_two_phase": {**folded, **TWO_PHASE},
         # slices of one sample, the last one partial
         "column_tiles": tiles,
@@ -234,7 +236,7 @@ def _plan_path(path: str, ndim: int) -> dict:
     }[path]
 
 
-PATHS = ["folded", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
+PATHS = ["folded", "folded_interleaved", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
          "row_chunks", "chunk_by_channels", "chunk_by_cells", "small_blocks"]
 
 
@@ -270,13 +272,16 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
         with monkeypatch.context() as patch:
             for attr, value in _plan_path(path, ndim).items():
                 patch.setattr(_plan, attr, value)
-            return (_plan.scatter_plan(N, G, p, q, taps, cells, 8),
+            return (_plan.scatter_plan(N, G, p, q, taps, cells, image_cells, 8),
                     _plan.gather_plan(N, G, q * taps, p, cells, 8),
                     _plan.weight_grad_plan(N, G, q * taps, p, cells, 8))
 
     scatter, gather, grad = plans("folded")
     assert scatter.direct and scatter.tiling.fold > 1 and N % scatter.tiling.fold
+    assert not scatter.interleaved
     assert gather.tiling.fold > 1 and grad.tiling.fold > 1
+    scatter, gather, grad = plans("folded_interleaved")
+    assert scatter.direct and scatter.interleaved and N % scatter.tiling.fold
     scatter, gather, grad = plans("folded_two_phase")
     assert not scatter.direct and scatter.tiling.fold > 1 and scatter.samples % scatter.tiling.fold
     for path in ("column_tiles", "column_tiles_two_phase"):

@@ -313,10 +313,10 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                 cell = tile.cell
                 end = tile.cell + tile.cells
                 j = i * tile.cells
+                a2 = cell % G2
+                a1 = (cell // G2) % G1
+                a0 = cell // (G1 * G2)
                 while cell < end:  # one grid line (fixed d, h) at a time
-                    a2 = cell % G2
-                    a1 = (cell // G2) % G1
-                    a0 = cell // (G1 * G2)
                     run = G2 - a2
                     if run > end - cell:
                         run = end - cell
@@ -330,6 +330,91 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                             line[u * sw + offset] += src[j + u - a2]
                     cell += run
                     j += run
+                    a2 = 0  # the next line starts at its first cell
+                    a1 += 1
+                    if a1 == G1:
+                        a1 = 0
+                        a0 += 1
+
+
+# --------------------------------------------------------------------------- #
+# sample-minor tiles (folded samples, short grid rows)
+# --------------------------------------------------------------------------- #
+# A folded tile's columns ordered cell-major, sample-minor (column
+# cell * samples + i): each col2im step adds ``samples`` contiguous values into
+# an accumulator laid out (channel, image cell, sample), which one transposing
+# store writes out. Same order of additions per element as col2im_add_tile.
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void pack_rows_interleaved(const floating* src, Py_ssize_t sample_stride, Py_ssize_t rows,
+                                Py_ssize_t row_stride, const Tile* t, floating* dst) noexcept nogil:
+    """``dst[r * width + j * samples + i] = src[(sample + i) * sample_stride + r * row_stride + j]``."""
+    cdef Py_ssize_t r, i, j, ns = t.samples
+    cdef const floating* a
+    cdef floating* b
+    for r in range(rows):
+        for i in range(ns):
+            a = src + (t.sample + i) * sample_stride + r * row_stride
+            b = dst + r * t.width + i
+            for j in range(t.cells):
+                b[j * ns] = a[j]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void col2im_add_interleaved(const floating* cols, Py_ssize_t channels, const Tile* tile,
+                                 floating* acc, const Sizes* s, const Tables* t) noexcept nogil:
+    """``acc[(c * I + image cell) * samples + i] += cols[(c * K + tap) * width + cell * samples + i]``
+    over every (tap, cell) landing in the image (whole samples)."""
+    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2], ns = tile.samples
+    cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
+    cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2], step = s.stride_w * ns
+    cdef Py_ssize_t c, k, k0, k1, k2, a0, a1, i0, i1, u, i, lo, hi
+    cdef const floating* src
+    cdef const floating* src_run
+    cdef floating* dst_run
+    for c in range(channels):
+        for k in range(K):
+            k0 = k // (K1 * K2)
+            k1 = (k // K2) % K1
+            k2 = k % K2
+            lo, hi = t.first_w[k2], t.last_w[k2]
+            src = cols + (c * K + k) * tile.width
+            for a0 in range(G0):
+                i0 = t.map0[k0 * G0 + a0]
+                if i0 < 0:
+                    continue
+                for a1 in range(G1):
+                    i1 = t.map1[k1 * G1 + a1]
+                    if i1 < 0:
+                        continue
+                    dst_run = acc + ((c * I + (i0 * I1 + i1) * I2 + t.offset_w[k2]) + lo * s.stride_w) * ns
+                    src_run = src + ((a0 * G1 + a1) * G2 + lo) * ns
+                    for u in range(hi - lo + 1):
+                        for i in range(ns):
+                            dst_run[u * step + i] += src_run[u * ns + i]
+
+
+cdef enum:
+    STORE_BLOCK = 64
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void store_interleaved(const floating* acc, Py_ssize_t values, Py_ssize_t ns,
+                            floating* out, Py_ssize_t sample_stride) noexcept nogil:
+    """``out[i * sample_stride + v] = acc[v * ns + i]``: a transpose, in blocks whose
+    cache lines stay in L1 while they are read ``ns`` times."""
+    cdef Py_ssize_t i, v, v0 = 0, v1
+    cdef floating* b
+    while v0 < values:
+        v1 = v0 + STORE_BLOCK if v0 + STORE_BLOCK < values else values
+        for i in range(ns):
+            b = out + i * sample_stride
+            for v in range(v0, v1):
+                b[v] = acc[v * ns + i]
+        v0 = v1
 
 
 # --------------------------------------------------------------------------- #
@@ -442,7 +527,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                    tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w,
                    Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
                    Py_ssize_t block, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
-                   int threads):
+                   bint interleaved, int threads):
     """col2im with tasks that own their outputs: (group, samples, block of channels).
 
     Each task walks its column tiles in order: one GEMM into its own buffer
@@ -450,6 +535,8 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
     channels while it is in cache. No shared buffer, no phase barrier; used
     when the shape gives enough such tasks (see ``_plan.scatter_plan``).
     ``work`` holds ``threads`` buffers of ``per_thread`` elements.
+    ``interleaved`` (folded tasks): columns sample-minor, summed in an
+    accumulator after the packed operand, stored once at the end.
     """
     cdef Sizes s = make_sizes(image, grid, kernel, stride_w)
     cdef Tables t = make_tables(tables)
@@ -465,6 +552,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
     cdef floating* y = &out[0]
     cdef floating* buf
     cdef floating* packed
+    cdef floating* acc
     cdef floating* dst
     cdef floating value, zero = 0
 
@@ -477,6 +565,22 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
             nq = min(block, q - q0)
             first = unit * fold if fold > 1 else unit
             samples = min(fold, n - first) if fold > 1 else 1
+            if interleaved:  # one folded tile: GEMM, col2im into the accumulator, store
+                tl = tile_at(unit, 0, n, 0, L, fold, L)
+                packed = buf + nq * K * tl.width
+                acc = packed + p * tl.width
+                pack_rows_interleaved(x + gi * p * L, groups * p * L, p, L, &tl, packed)
+                # the GEMM below, on sample-minor columns
+                gemm(c'N', c'T', tl.width, nq * K, p, packed, tl.width,
+                     w + gi * p * q * K + q0 * K, q * K, zero, buf, tl.width)
+                for c in range(nq):
+                    value = bias[gi * q + q0 + c] if has_bias else zero
+                    for x_i in range(I * samples):
+                        acc[c * I * samples + x_i] = value
+                col2im_add_interleaved(buf, nq, &tl, acc, &s, &t)
+                store_interleaved(acc, nq * I, samples, y + ((first * groups + gi) * q + q0) * I,
+                                  groups * q * I)
+                continue
             # the task's outputs start at bias (or zero)
             for i in range(samples):
                 for c in range(nq):

@@ -37,6 +37,10 @@ MIN_FOLDED_TASKS = 8
 MIN_DIRECT_TASKS = 4
 #: Direct ``scatter`` tasks aimed at (smaller channel blocks past that).
 DIRECT_TASKS = 8
+#: Direct ``scatter`` tasks folding at least this many samples order their
+#: columns sample-minor: col2im then adds runs of that many contiguous values
+#: (into a per-thread accumulator) instead of walking grid rows a few cells long.
+INTERLEAVE_MIN_SAMPLES = 4
 #: A GEMM narrower than this many rows wastes BLAS's kernels.
 MIN_GEMM_ROWS = 32
 #: Row blocks of ``weight_grad`` (each re-reads the grid input).
@@ -114,20 +118,24 @@ class ScatterPlan:
     tiling: Tiling
     shared: int  # elements of the shared column buffer (two phases)
     per_thread: int  # elements of each thread's buffers
+    interleaved: bool = False  # direct, folded: columns sample-minor, per-thread accumulator
 
 
-def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, itemsize: int) -> ScatterPlan:
+def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, image_cells: int,
+                 itemsize: int) -> ScatterPlan:
     budget = THREAD_WORKSPACE_BYTES // itemsize
     fold = min(n, _ceil_div(TARGET_WIDTH, cells)) if cells < FOLD_BELOW else 1
     fold = min(fold, max(1, budget // (2 * max(p, taps) * cells)))
     width = fold * cells if fold > 1 else min(cells, TARGET_WIDTH)
     units = groups * (_ceil_div(n, fold) if fold > 1 else n)
     packed = p * width if fold > 1 else 0
+    interleaved = fold >= INTERLEAVE_MIN_SAMPLES
+    per_channel = taps * width + (image_cells * fold if interleaved else 0)  # GEMM rows (+ accumulator)
     block = min(q, max(_ceil_div(MIN_GEMM_ROWS, taps), _ceil_div(q * units, DIRECT_TASKS)))
-    block = max(1, min(block, (budget - packed) // (width * taps)))
+    block = max(1, min(block, (budget - packed) // per_channel))
     if units * _ceil_div(q, block) >= MIN_DIRECT_TASKS:
         tiles = Tiling(fold, cells) if fold > 1 else Tiling(1, width)
-        return ScatterPlan(True, block, 0, 0, 0, tiles, 0, block * taps * width + packed)
+        return ScatterPlan(True, block, 0, 0, 0, tiles, 0, block * per_channel + packed, interleaved)
 
     shared_budget = max(groups * taps, SHARED_WORKSPACE_BYTES // itemsize)
     per_sample = groups * q * taps * cells

@@ -106,7 +106,7 @@ class OpenMPBackend(Backend):
             return _SMALL.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
-        plan = _plan.scatter_plan(n, g, p, q, taps, cells, dtype.itemsize)
+        plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize)
         tiling = plan.tiling
         out = np.empty((n, g * q, *geom.image), dtype=dtype)
         bias_array, has_bias = _bias(bias, dtype)
@@ -118,7 +118,7 @@ class OpenMPBackend(Backend):
             kernels.scatter_direct(
                 _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
                 geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
-                plan.block, tiling.fold, tiling.tile, plan.per_thread, threads,
+                plan.block, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved, threads,
             )
             return out
         _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
