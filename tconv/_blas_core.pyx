@@ -468,7 +468,7 @@ cdef void im2col_gather_interleaved(const Geom* g, const floating* image, Py_ssi
     """cols[(c * K + tap) * tile_cols + l * nt + s] = image[(c * I + image cell) * nt + s],
     zero where the tap falls outside the image (``image`` packed by ``pack_interleaved``)."""
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, lo, hi
+    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, lo, hi, s
     cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
     cdef Py_ssize_t ow0, step = g.stride[2] * nt, run = g.grid[2] * nt
     cdef const floating* src
@@ -501,9 +501,10 @@ cdef void im2col_gather_interleaved(const Geom* g, const floating* image, Py_ssi
                             memset(line, 0, lo * nt * sizeof(floating))
                             if g.stride[2] == 1:
                                 memcpy(line + lo * nt, src_run, (hi - lo) * nt * sizeof(floating))
-                            else:
+                            else:  # runs of nt values: a plain loop beats a memcpy call each
                                 for lw in range(hi - lo):
-                                    memcpy(line + (lo + lw) * nt, src_run + lw * step, nt * sizeof(floating))
+                                    for s in range(nt):
+                                        line[(lo + lw) * nt + s] = src_run[lw * step + s]
                             memset(line + hi * nt, 0, (run - hi * nt) * sizeof(floating))
 
 

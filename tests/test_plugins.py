@@ -273,15 +273,17 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
             for attr, value in _plan_path(path, ndim).items():
                 patch.setattr(_plan, attr, value)
             return (_plan.scatter_plan(N, G, p, q, taps, cells, image_cells, 8),
-                    _plan.gather_plan(N, G, q * taps, p, cells, 8),
-                    _plan.weight_grad_plan(N, G, q * taps, p, cells, 8))
+                    _plan.gather_plan(N, G, q * taps, p, cells, q * image_cells, 8),
+                    _plan.weight_grad_plan(N, G, q * taps, p, cells, taps, image_cells, 8))
 
     scatter, gather, grad = plans("folded")
     assert scatter.direct and scatter.tiling.fold > 1 and N % scatter.tiling.fold
     assert not scatter.interleaved
     assert gather.tiling.fold > 1 and grad.tiling.fold > 1
+    assert not gather.interleaved and not grad.interleaved
     scatter, gather, grad = plans("folded_interleaved")
     assert scatter.direct and scatter.interleaved and N % scatter.tiling.fold
+    assert gather.interleaved and grad.interleaved and gather.tiling.fold > 1 and grad.tiling.fold > 1
     scatter, gather, grad = plans("folded_two_phase")
     assert not scatter.direct and scatter.tiling.fold > 1 and scatter.samples % scatter.tiling.fold
     for path in ("column_tiles", "column_tiles_two_phase"):

@@ -347,18 +347,65 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void pack_rows_interleaved(const floating* src, Py_ssize_t sample_stride, Py_ssize_t rows,
-                                Py_ssize_t row_stride, const Tile* t, floating* dst) noexcept nogil:
-    """``dst[r * width + j * samples + i] = src[(sample + i) * sample_stride + r * row_stride + j]``."""
-    cdef Py_ssize_t r, i, j, ns = t.samples
+cdef void pack_interleaved(const floating* src, Py_ssize_t sample_stride, Py_ssize_t rows,
+                           Py_ssize_t row_stride, Py_ssize_t cells, Py_ssize_t sample0, Py_ssize_t ns,
+                           floating* dst, Py_ssize_t ld) noexcept nogil:
+    """``dst[r * ld + j * ns + i] = src[(sample0 + i) * sample_stride + r * row_stride + j]``, j < cells.
+
+    A folded tile's grid operand (cells = grid cells, ld = tile width) or its
+    image (cells = image cells), sample-minor.
+    """
+    cdef Py_ssize_t r, i, j
     cdef const floating* a
     cdef floating* b
     for r in range(rows):
         for i in range(ns):
-            a = src + (t.sample + i) * sample_stride + r * row_stride
-            b = dst + r * t.width + i
-            for j in range(t.cells):
+            a = src + (sample0 + i) * sample_stride + r * row_stride
+            b = dst + r * ld + i
+            for j in range(cells):
                 b[j * ns] = a[j]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void im2col_rows_interleaved(const floating* image, Py_ssize_t p0, Py_ssize_t row0, Py_ssize_t rows,
+                                  Py_ssize_t ns, floating* buf, Py_ssize_t ld,
+                                  const Sizes* s, const Tables* t) noexcept nogil:
+    """``buf[r * ld + cell * ns + i] = image[((p - p0) * I + image(cell, tap)) * ns + i]`` (0 off
+    the image) for im2col rows ``row0 ..`` (row = p * K + tap); ``image`` holds channels
+    ``p0 ..`` of ``ns`` samples, packed by ``pack_interleaved``."""
+    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
+    cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
+    cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2]
+    cdef Py_ssize_t r, p, k, k0, k1, k2, a0, a1, a2, i0, i1, i2, i
+    cdef const floating* src
+    cdef const floating* base
+    cdef floating* line
+    for r in range(rows):
+        p = (row0 + r) // K
+        k = (row0 + r) % K
+        k0 = k // (K1 * K2)
+        k1 = (k // K2) % K1
+        k2 = k % K2
+        src = image + (p - p0) * I * ns
+        for a0 in range(G0):
+            i0 = t.map0[k0 * G0 + a0]
+            for a1 in range(G1):
+                i1 = t.map1[k1 * G1 + a1]
+                line = buf + r * ld + (a0 * G1 + a1) * G2 * ns
+                if i0 < 0 or i1 < 0:
+                    memset(line, 0, G2 * ns * sizeof(floating))
+                    continue
+                base = src + (i0 * I1 + i1) * I2 * ns
+                for a2 in range(G2):
+                    i2 = t.map2[k2 * G2 + a2]
+                    if i2 < 0:
+                        for i in range(ns):
+                            line[a2 * ns + i] = 0
+                    else:
+                        for i in range(ns):
+                            line[a2 * ns + i] = base[i2 * ns + i]
 
 
 @cython.boundscheck(False)
@@ -569,7 +616,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                 tl = tile_at(unit, 0, n, 0, L, fold, L)
                 packed = buf + nq * K * tl.width
                 acc = packed + p * tl.width
-                pack_rows_interleaved(x + gi * p * L, groups * p * L, p, L, &tl, packed)
+                pack_interleaved(x + gi * p * L, groups * p * L, p, L, L, tl.sample, tl.samples, packed, tl.width)
                 # the GEMM below, on sample-minor columns
                 gemm(c'N', c'T', tl.width, nq * K, p, packed, tl.width,
                      w + gi * p * q * K + q0 * K, q * K, zero, buf, tl.width)
@@ -617,12 +664,13 @@ def gather(const floating[::1] image_in, const floating[::1] weight, const float
            bint has_bias, floating[::1] out, floating[::1] work,
            tuple image, tuple grid, tuple kernel, Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p,
            Py_ssize_t q, tuple tables, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t rows,
-           Py_ssize_t per_thread, int threads):
+           Py_ssize_t per_thread, bint interleaved, int threads):
     """im2col: ``out[n, gQ+q, cell] = bias + sum W[gQ+q, p, tap] X[n, gP+p, image(cell, tap)]``.
 
     ``image_in`` (N, G*P, I), ``weight`` (G*Q, P, K), ``out`` (N, G*Q, L);
     ``work`` holds ``threads`` buffers of ``per_thread`` elements: the im2col
-    tile (``rows`` x width) and, when samples are folded, the GEMM result.
+    tile (``rows`` x width) and, when samples are folded, the GEMM result
+    and (``interleaved``: columns sample-minor) the tile's packed image.
     """
     cdef Sizes s = make_sizes(image, grid, kernel, 1)
     cdef Tables t = make_tables(tables)
@@ -635,17 +683,26 @@ def gather(const floating[::1] image_in, const floating[::1] weight, const float
     cdef floating* y = &out[0]
     cdef floating* buf
     cdef floating* result
+    cdef floating* packed_image
     cdef floating* dst
     cdef floating beta, value
+    cdef bint in_place
 
     with nogil:
         for task in prange(groups * tiles, num_threads=threads, schedule="dynamic"):
             gi = task // tiles
             tl = tile_at(task % tiles, 0, n, 0, L, fold, tile)
             buf = &work[0] + threadid() * per_thread
-            if tl.samples > 1:
-                result = buf + rows * tl.width     # folded: GEMM into a buffer, then unpack
+            # folded (or interleaved: its last tile may hold one sample): GEMM into a
+            # buffer, then unpack; else in place
+            in_place = tl.samples == 1 and not interleaved
+            if not in_place:
+                result = buf + rows * tl.width
                 ldc = tl.width
+                if interleaved:
+                    packed_image = result + q * tl.width
+                    pack_interleaved(x + gi * p * I, groups * p * I, p, I, I, tl.sample, tl.samples,
+                                     packed_image, I * tl.samples)
             else:
                 result = y + (tl.sample * groups + gi) * q * L + tl.cell   # in place
                 ldc = L
@@ -657,20 +714,27 @@ def gather(const floating[::1] image_in, const floating[::1] weight, const float
             for block in range((PK + rows - 1) // rows):
                 row0 = block * rows
                 nrows = min(rows, PK - row0)
-                im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
-                beta = 1 if (row0 > 0 or (has_bias and tl.samples == 1)) else 0
+                if interleaved:
+                    im2col_rows_interleaved(packed_image, 0, row0, nrows, tl.samples, buf, tl.width, &s, &t)
+                else:
+                    im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
+                beta = 1 if (row0 > 0 or (has_bias and in_place)) else 0
                 # Column-major view: the tile (nrows x width, row-major) is col-major
                 # (width x nrows); W_g (Q x P*K, row-major) is col-major (P*K x Q), from
                 # row row0. C = out^T: col-major (width x Q).
                 gemm(c'N', c'N', tl.width, q, nrows, buf, tl.width,
                      w + gi * q * PK + row0, PK, beta, result, ldc)
-            if tl.samples > 1:
+            if not in_place:
                 for i in range(tl.samples):
                     for qi in range(q):
                         value = bias[gi * q + qi] if has_bias else 0
                         dst = y + ((tl.sample + i) * groups + gi) * q * L + qi * L
-                        for j in range(L):
-                            dst[j] = result[qi * tl.width + i * L + j] + value
+                        if interleaved:
+                            for j in range(L):
+                                dst[j] = result[qi * tl.width + j * tl.samples + i] + value
+                        else:
+                            for j in range(L):
+                                dst[j] = result[qi * tl.width + i * L + j] + value
 
 
 @cython.boundscheck(False)
@@ -680,25 +744,27 @@ def weight_grad(const floating[::1] image_in, const floating[::1] grid_in, float
                 floating[::1] work, tuple image, tuple grid, tuple kernel, Py_ssize_t n,
                 Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
                 Py_ssize_t rows, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
-                int threads):
+                bint interleaved, int threads):
     """``gw[gQ+q, p, tap] = sum_n sum_cell dY[n, gQ+q, cell] X[n, gP+p, image(cell, tap)]``.
 
     ``image_in`` (N, G*P, I), ``grid_in`` (N, G*Q, L), ``out`` (G*Q, P, K);
     ``work`` holds ``threads`` buffers of ``per_thread`` elements: the im2col
-    tile (``rows`` x width) and, when samples are folded, the packed dY.
+    tile (``rows`` x width) and, when samples are folded, the packed dY and
+    (``interleaved``: columns sample-minor) the image channels of the rows.
     """
     cdef Sizes s = make_sizes(image, grid, kernel, 1)
     cdef Tables t = make_tables(tables)
     cdef Py_ssize_t K = s.taps, L = s.grid_cells, I = s.image_cells, PK = p * K
     cdef Py_ssize_t blocks = (PK + rows - 1) // rows
     cdef Py_ssize_t tiles = tile_count(n, L, fold, tile)
-    cdef Py_ssize_t task, gi, row0, nrows, index, ldb
+    cdef Py_ssize_t task, gi, row0, nrows, index, ldb, p0, p1
     cdef Tile tl
     cdef const floating* x = &image_in[0]
     cdef const floating* dy = &grid_in[0]
     cdef const floating* operand
     cdef floating* gw = &out[0]
     cdef floating* buf
+    cdef floating* packed_image
     cdef floating beta
 
     with nogil:
@@ -709,12 +775,24 @@ def weight_grad(const floating[::1] image_in, const floating[::1] grid_in, float
             nrows = min(rows, PK - row0)
             for index in range(tiles):   # in order: the sum over tiles is reproducible
                 tl = tile_at(index, 0, n, 0, L, fold, tile)
-                im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
-                if tl.samples > 1:
+                if interleaved:  # the channels p0 .. p1 - 1 this task's rows read
+                    p0 = row0 // K
+                    p1 = (row0 + nrows - 1) // K + 1
+                    packed_image = buf + (nrows + q) * tl.width
+                    pack_interleaved(x + (gi * p + p0) * I, groups * p * I, p1 - p0, I, I,
+                                     tl.sample, tl.samples, packed_image, I * tl.samples)
+                    im2col_rows_interleaved(packed_image, p0, row0, nrows, tl.samples, buf, tl.width, &s, &t)
+                    pack_interleaved(dy + gi * q * L, groups * q * L, q, L, L, tl.sample, tl.samples,
+                                     buf + nrows * tl.width, tl.width)
+                    operand = buf + nrows * tl.width
+                    ldb = tl.width
+                elif tl.samples > 1:
+                    im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
                     pack_rows(dy + gi * q * L, groups * q * L, q, L, &tl, buf + nrows * tl.width)
                     operand = buf + nrows * tl.width
                     ldb = tl.width
                 else:
+                    im2col_tile(x + gi * p * I, groups * p * I, row0, nrows, &tl, buf, &s, &t)
                     operand = dy + (tl.sample * groups + gi) * q * L + tl.cell
                     ldb = L
                 beta = 0 if index == 0 else 1

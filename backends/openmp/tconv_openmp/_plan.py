@@ -155,33 +155,50 @@ def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, ima
 
 @dataclass(frozen=True)
 class GatherPlan:
-    """Tasks are (group, tile); ``rows`` im2col rows per GEMM (all of them unless huge)."""
+    """Tasks are (group, tile); ``rows`` im2col rows per GEMM (all of them unless huge).
+
+    ``interleaved``: folded tiles pack their image sample-minor first, so
+    im2col copies runs of ``fold`` values (see ``_kernels``).
+    """
 
     tiling: Tiling
     rows: int
     per_thread: int
+    interleaved: bool = False
 
 
-def gather_plan(n: int, groups: int, rows_total: int, q: int, cells: int, itemsize: int) -> GatherPlan:
+def gather_plan(n: int, groups: int, rows_total: int, q: int, cells: int, image_size: int,
+                itemsize: int) -> GatherPlan:
+    """``image_size``: elements of one sample's image in one group (P x image cells)."""
     tiles = tiling(n, cells, groups, rows_total + q, itemsize)
+    interleaved = tiles.fold >= INTERLEAVE_MIN_SAMPLES
+    if interleaved:  # room for the packed image too
+        tiles = tiling(n, cells, groups, rows_total + q + _ceil_div(image_size, cells), itemsize)
+        interleaved = tiles.fold >= INTERLEAVE_MIN_SAMPLES
     width = tiles.width(cells)
     result = q * width if tiles.fold > 1 else 0
+    image = image_size * tiles.fold if interleaved else 0
     budget = THREAD_WORKSPACE_BYTES // itemsize
-    rows = _clamp((budget - result) // width, 1, rows_total)
-    return GatherPlan(tiles, rows, rows * width + result)
+    rows = _clamp((budget - result - image) // width, 1, rows_total)
+    return GatherPlan(tiles, rows, rows * width + result + image, interleaved)
 
 
 @dataclass(frozen=True)
 class WeightGradPlan:
-    """Tasks are (group, block of ``rows`` im2col rows); each sums over all tiles in order."""
+    """Tasks are (group, block of ``rows`` im2col rows); each sums over all tiles in order.
+
+    ``interleaved``: as in ``GatherPlan``, each task packing the image
+    channels its rows read.
+    """
 
     rows: int
     tiling: Tiling
     per_thread: int
+    interleaved: bool = False
 
 
-def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int,
-                     itemsize: int) -> WeightGradPlan:
+def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int, taps: int,
+                     image_cells: int, itemsize: int) -> WeightGradPlan:
     rows = _clamp(_ceil_div(groups * rows_total, TARGET_ROW_BLOCKS), MIN_ROW_BLOCK, MAX_ROW_BLOCK)
     rows = min(rows, rows_total)
     # Every task walks all tiles, so the tiling only needs wide GEMMs, not many tiles.
@@ -193,7 +210,10 @@ def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int,
         tiles = Tiling(1, _clamp(budget // rows, 1, cells))
     width = tiles.width(cells)
     packed = q * width if tiles.fold > 1 else 0
-    return WeightGradPlan(rows, tiles, rows * width + packed)
+    interleaved = tiles.fold >= INTERLEAVE_MIN_SAMPLES
+    # a block of rows reads at most rows // taps + 2 channels (it may start and end mid-channel)
+    image = (rows // taps + 2) * image_cells * tiles.fold if interleaved else 0
+    return WeightGradPlan(rows, tiles, rows * width + packed + image, interleaved)
 
 
 def check_blas_ints(*sizes: int) -> None:

@@ -144,7 +144,7 @@ class OpenMPBackend(Backend):
         if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
             return _EXACT.gather(image_in, weight, bias, geom)
         dtype = image_in.dtype
-        plan = _plan.gather_plan(n, g, p * taps, q, cells, dtype.itemsize)
+        plan = _plan.gather_plan(n, g, p * taps, q, cells, p * math.prod(geom.image), dtype.itemsize)
         tiling = plan.tiling
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * tiling.tiles(n, cells)
@@ -155,7 +155,7 @@ class OpenMPBackend(Backend):
         kernels.gather(
             _flat(image_in), _flat(weight), bias_array, has_bias, _flat(out), work,
             geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
-            tiling.fold, tiling.tile, plan.rows, plan.per_thread, threads,
+            tiling.fold, tiling.tile, plan.rows, plan.per_thread, plan.interleaved, threads,
         )
         return out
 
@@ -170,7 +170,7 @@ class OpenMPBackend(Backend):
         if taps_leave_image(geom) and not kernels.all_finite(_flat(grid_in), get_num_threads()):
             return _EXACT.weight_grad(image_in, grid_in, geom)
         dtype = image_in.dtype
-        plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, dtype.itemsize)
+        plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, taps, math.prod(geom.image), dtype.itemsize)
         tiling = plan.tiling
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * -(-(p * taps) // plan.rows)
@@ -180,6 +180,6 @@ class OpenMPBackend(Backend):
         kernels.weight_grad(
             _flat(image_in), _flat(grid_in), _flat(out), work,
             geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
-            plan.rows, tiling.fold, tiling.tile, plan.per_thread, threads,
+            plan.rows, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved, threads,
         )
         return out
