@@ -813,6 +813,98 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_patches(const Geom* g, const floating* cols, Py_ssize_t l0, Py_ssize_t lt,
+                         Py_ssize_t channels, floating* image, Py_ssize_t image_stride_c) noexcept nogil:
+    """Add patch-major columns into one sample's image.
+
+    ``cols[j * channels * K + c * K + tap]``: grid cell ``l0 + j``'s whole
+    kernel patch, channel by channel; each kernel row lands as one run along W.
+    """
+    cdef Py_ssize_t QK = channels * g.taps  # the row length of cols
+    cdef Py_ssize_t j, l, ld, lh, lw, c, kd, kh, od, oh, ow0, kw_lo, kw_hi
+    cdef const floating* src
+    cdef floating* row
+    for j in range(lt):
+        l = l0 + j
+        lw = l % g.grid[2]
+        lh = (l // g.grid[2]) % g.grid[1]
+        ld = l // (g.grid[2] * g.grid[1])
+        ow0 = lw * g.stride[2] - g.pad[2]
+        # taps kw with 0 <= ow0 + kw * dilation < image width
+        kw_lo = -floor_div(ow0, g.dilation[2]) if ow0 < 0 else 0
+        kw_hi = floor_div(g.image[2] - 1 - ow0, g.dilation[2]) + 1
+        if kw_hi > g.kernel[2]:
+            kw_hi = g.kernel[2]
+        if kw_lo >= kw_hi:
+            continue
+        for c in range(channels):
+            for kd in range(g.kernel[0]):
+                od = ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]
+                if od < 0 or od >= g.image[0]:
+                    continue
+                for kh in range(g.kernel[1]):
+                    oh = lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]
+                    if oh < 0 or oh >= g.image[1]:
+                        continue
+                    src = cols + j * QK + c * g.taps + (kd * g.kernel[1] + kh) * g.kernel[2]
+                    row = image + c * image_stride_c + (od * g.image[1] + oh) * g.image[2] + ow0
+                    add_strided(row, g.dilation[2], src, kw_lo, kw_hi)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def scatter_patches(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, ::1] weight,
+                    const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
+                    tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
+                    Py_ssize_t groups, Py_ssize_t cells_per_tile, Py_ssize_t q_block):
+    """col2im with patch-major columns, for kernels wider than the grid (FCN's
+    64-wide kernel on a 7x7 grid): per tile of grid cells and block of output
+    channels ``cols (T, q_block*K) = X_tile^T W_g[:, block]``, then each kernel
+    row is added as one run, instead of one short strided run per grid row
+    and tap. Blocks of channels over all cells read the (large) weight once.
+    """
+    cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
+    cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
+    cdef Py_ssize_t P = c_in // groups, Q = weight.shape[1], K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t c_out = Q * groups, QK = Q * K
+    cdef Py_ssize_t b, gi, l0, lt, q0, qb
+    cdef const floating* x = &grid_in[0, 0, 0, 0, 0]
+    cdef const floating* w = &weight[0, 0, 0, 0, 0]
+    cdef floating* y = &out[0, 0, 0, 0, 0]
+    cdef const floating* bias_ptr = &bias[0] if has_bias else NULL
+    cdef Workspace ws
+    cdef floating* cols
+    cdef floating one = 1, zero = 0
+
+    with nogil:
+        for b in range(n):
+            fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
+        workspace_alloc(&ws, q_block * K * cells_per_tile * sizeof(floating), 0, 1)
+        cols = <floating*>ws.cols
+        for b in range(n):
+            for gi in range(groups):
+                q0 = 0
+                while q0 < Q:
+                    qb = q_block if q0 + q_block <= Q else Q - q0
+                    l0 = 0
+                    while l0 < L:
+                        lt = cells_per_tile if l0 + cells_per_tile <= L else L - l0
+                        # Column-major: W_g (P x Q*K, row-major) is col-major (QK x P), of
+                        # which rows q0*K .. (q0+qb)*K are taken; the grid cells l0.. of X
+                        # (P x L, row-major) are col-major (L x P), taken transposed
+                        # (P x lt). C col-major (qb*K x lt) = row-major (lt x qb*K).
+                        gemm(c'N', c'T', qb * K, lt, P, one, w + gi * P * QK + q0 * K, QK,
+                             x + (b * c_in + gi * P) * L + l0, L, zero, cols, qb * K)
+                        col2im_patches(&g, cols, l0, lt, qb,
+                                       y + (b * c_out + gi * Q + q0) * g.image_cells, g.image_cells)
+                        l0 += lt
+                    q0 += qb
+        workspace_free(&ws)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def scatter_single_cell(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, ::1] weight,
                         const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
                         Py_ssize_t groups):

@@ -107,3 +107,42 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
         x, w, b, stride=(2,) * ndim, pad_begin=(1,) * ndim, pad_end=(1,) * ndim,
         output_padding=(1,) * ndim, dilation=(1,) * ndim, groups=GROUPS)
     assert_close(got[0], definition)
+
+
+# Kernels wider than the grid take the "patches" route: per block of output
+# channels and tile of grid cells, whole kernel rows are added. Cache tiles in
+# float64 (kernel patches of 5**ndim, grids of 3**ndim cells): all cells and
+# channels at once; all cells, two of three channels per GEMM; two cells per GEMM.
+PATCH_BUDGETS = {
+    "all_at_once": lambda ndim: 2**22,
+    "channel_blocks": lambda ndim: 8 * 5**ndim * 3**ndim * 2,
+    "cell_tiles": lambda ndim: 8 * 5**ndim * 2,
+}
+
+
+@pytest.mark.parametrize("budget", sorted(PATCH_BUDGETS))
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_patches_route_matches_the_definition(monkeypatch, budget, ndim, assert_close):
+    monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", PATCH_BUDGETS[budget](ndim))
+    rng = np.random.default_rng(ndim)
+    n, groups, size, kernel = 2, 2, 3, 5
+    x = rng.standard_normal((n, 4) + (size,) * ndim)
+    w = rng.standard_normal((4, 3) + (kernel,) * ndim)
+    b = rng.standard_normal(6)
+    # dilation 2 and padding 3 put some taps of the edge cells off the image
+    kwargs = dict(stride=2, padding=3, output_padding=1, dilation=2, groups=groups)
+    got = getattr(tconv, f"conv_transpose{ndim}d")(x, w, b, **kwargs, backend="blas")
+    lead = 3 - ndim
+    geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
+                    kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (2,) * ndim,
+                    dilation=(1,) * lead + (2,) * ndim, pad_begin=(0,) * lead + (3,) * ndim, groups=groups)
+    assert blas_backend.scatter_route(geom, 2) == "patches"
+    cells, q_block = blas_backend.patch_plan(geom, 3, 8)
+    if budget == "channel_blocks":
+        assert cells == size**ndim and q_block == 2, (cells, q_block)
+    if budget == "cell_tiles":
+        assert cells == 2 and q_block == 1, (cells, q_block)
+    expected = oracle.conv_transpose_loops(
+        x, w, b, stride=(2,) * ndim, pad_begin=(3,) * ndim, pad_end=(3,) * ndim,
+        output_padding=(1,) * ndim, dilation=(2,) * ndim, groups=groups)
+    assert_close(got, expected)

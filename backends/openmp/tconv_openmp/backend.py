@@ -37,6 +37,12 @@ _EXACT = NumpyBackend()
 PARALLEL_MIN_MACS = 1 << 18
 _SMALL = BlasBackend()
 
+#: Transposed convolutions the core's kernels run better, whatever the thread
+#: count (BLAS threads their GEMMs): a one-cell grid (a generator's first
+#: layer) is one GEMM with no col2im at all; wide kernels (FCN upsampling)
+#: add whole kernel rows, where this backend's col2im walks short strided runs.
+_CORE_ROUTES = ("single-cell", "patches")
+
 
 def _kernels():
     """The compiled module, or ImportError (kept lazy so importing this module never fails)."""
@@ -100,9 +106,7 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS or scatter_route(geom, p) == "single-cell":
-            # small, or a one-cell grid (a generator's first layer): the core's kernels do
-            # it with no col2im at all, as one GEMM threaded by BLAS
+        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS or scatter_route(geom, p) in _CORE_ROUTES:
             return _SMALL.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
