@@ -304,12 +304,21 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
     assert image_cells > cells
 
 
+# column tiles; folded samples in sample-minor order; a wide kernel (the
+# core's "patches" route, GEMMs threaded by BLAS)
+BITWISE_CASES = {
+    "tiles": dict(n=6, c_in=12, c_out=8, size=11, kernel=3, stride=2, dilation=2),
+    "sample_minor": dict(n=20, c_in=8, c_out=8, size=4, kernel=4, stride=2, dilation=1),
+    "wide_kernel": dict(n=2, c_in=8, c_out=8, size=9, kernel=9, stride=4, dilation=1),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(BITWISE_CASES))
 def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, monkeypatch,
-                                                                       restore_threads):
+                                                                       restore_threads, shape):
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
     rng = np.random.default_rng(7)
-    arrays = _case(rng, 2, n=6, c_in=12, c_out=8, groups=2, size=11, kernel=3, stride=2,
-                   dilation=2, dtype=np.float32)
+    arrays = _case(rng, 2, groups=2, dtype=np.float32, **BITWISE_CASES[shape])
     runs = []
     for threads in (1, 2, 3, 2, 1):
         tconv.set_num_threads(threads)

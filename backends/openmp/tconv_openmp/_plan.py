@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Per-thread buffers (im2col tile, packed operand, folded result).
-THREAD_WORKSPACE_BYTES = 2 << 20
+THREAD_WORKSPACE_BYTES = 4 << 20
 #: The column buffer ``scatter`` shares between its GEMM and col2im phases.
 SHARED_WORKSPACE_BYTES = 16 << 20
 #: GEMM width (columns) aimed at: wide enough for BLAS's packing to pay off.
