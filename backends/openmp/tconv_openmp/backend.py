@@ -3,11 +3,13 @@
 Threads: the budget is ``tconv.get_num_threads()`` (``set_num_threads``,
 else ``TCONV_NUM_THREADS``, else the usable cores). All of it goes to
 OpenMP; BLAS is set to one thread, since each OpenMP thread runs its own
-GEMMs, so the two never oversubscribe the cores.
+GEMMs, so the two never oversubscribe the cores. With a budget of one
+thread there is nothing to share out: calls run the core's ``blas``
+kernels, which are tuned for one core.
 
 Reproducibility: the plan depends on the shape and dtype only, so results
-are bitwise identical from run to run and for any thread count (with the
-same BLAS library).
+are bitwise identical from run to run and for any thread count from 2 up
+(with the same BLAS library); at 1 thread they are the ``blas`` backend's.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _EXACT = NumpyBackend()
 #: more than the work. The choice depends on the shape alone, so results stay
 #: independent of the thread count.
 PARALLEL_MIN_MACS = 1 << 18
-_SMALL = BlasBackend()
+_CORE = BlasBackend()
 
 #: Transposed convolutions the core's kernels run better, whatever the thread
 #: count (BLAS threads their GEMMs): a one-cell grid (a generator's first
@@ -96,6 +98,12 @@ class OpenMPBackend(Backend):
         return True, ""
 
     @staticmethod
+    def _on_core(macs: int) -> bool:
+        """Whether a call of ``macs`` multiply-adds runs on the core's kernels: when
+        small, or when the budget is one thread (nothing to share out)."""
+        return macs < PARALLEL_MIN_MACS or get_num_threads() == 1
+
+    @staticmethod
     def _threads(tasks: int) -> int:
         """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread."""
         _threads.set_blas_threads(1)
@@ -106,8 +114,8 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS or scatter_route(geom, p) in _CORE_ROUTES:
-            return _SMALL.scatter(grid_in, weight, bias, geom)
+        if self._on_core(n * g * p * q * taps * cells) or scatter_route(geom, p) in _CORE_ROUTES:
+            return _CORE.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize)
@@ -142,8 +150,8 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[0] // g
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
-            return _SMALL.gather(image_in, weight, bias, geom)
+        if self._on_core(n * g * p * q * taps * cells):
+            return _CORE.gather(image_in, weight, bias, geom)
         kernels = _kernels()
         if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
             return _EXACT.gather(image_in, weight, bias, geom)
@@ -168,8 +176,8 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_img // g, grid_in.shape[1] // g
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if n * g * p * q * taps * cells < PARALLEL_MIN_MACS:
-            return _SMALL.weight_grad(image_in, grid_in, geom)
+        if self._on_core(n * g * p * q * taps * cells):
+            return _CORE.weight_grad(image_in, grid_in, geom)
         kernels = _kernels()
         if taps_leave_image(geom) and not kernels.all_finite(_flat(grid_in), get_num_threads()):
             return _EXACT.weight_grad(image_in, grid_in, geom)
