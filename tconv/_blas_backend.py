@@ -3,8 +3,9 @@
 This module plans; ``_blas_core`` computes. The plan splits a call into
 tiles whose work buffers fit ``WORKSPACE_BYTES`` whatever the batch size:
 small images are folded (several samples per GEMM, so the GEMM stays wide),
-large ones are cut into column ranges. The kernels allocate the buffers per
-call, so concurrent calls from several threads share no state.
+large ones are cut into column ranges. The kernels take the buffers from a
+cache per thread, so concurrent calls from several threads share no state
+and a layer called in a loop allocates nothing after its first call.
 
 A transposed convolution takes one of four routes (``scatter_route``):
 GEMM + col2im in general; one GEMM straight into the output for a one-cell
@@ -213,6 +214,10 @@ class BlasBackend(Backend):
 
     def availability(self) -> tuple[bool, str]:
         return (_blas_core is not None), _IMPORT_ERROR
+
+    def release_workspace(self) -> None:
+        if _blas_core is not None:
+            _blas_core.release_workspace()
 
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]

@@ -7,8 +7,9 @@ several whole samples folded together so that small images still give the
 GEMM a wide operand). Per tile and group, one GEMM produces or consumes a
 column buffer of ``rows x tile_cols`` elements, which is scattered into the
 output (or gathered from the input) right away, while it is still in cache.
-The work buffers are allocated per call, sized by the plan the Python side
-computed (bounded, whatever the batch), so concurrent calls share nothing.
+The work buffers are sized by the plan the Python side computed (bounded,
+whatever the batch) and carved from a buffer cached per thread, so
+concurrent calls share nothing and repeated calls allocate nothing.
 
 Arguments arrive validated (``tconv._args``) and planned
 (``tconv._blas_backend``): C-contiguous 5-D arrays ``(N, C, D, H, W)``,
@@ -16,9 +17,12 @@ plain ints, tiles that fit the arrays. The kernels do not re-check them,
 which is why bounds checks are off.
 """
 
+import threading
+
+import numpy as np
+
 cimport cython
 from cython cimport floating
-from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.string cimport memset, memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -554,31 +558,69 @@ cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t samples_per_tile, Py_ssize
 
 
 cdef struct Workspace:
-    # The per-call buffers: GEMM column buffer, packed operand (folded tiles
-    # only) and the tile's row descriptors.
+    # A call's work buffers, carved from its thread's cached buffer: GEMM
+    # column buffer, packed operand (folded tiles only) and the tile's row
+    # descriptors.
     void* cols
     void* packed
     Row* rows
 
 
+# Work buffers are cached per thread and reused from call to call. Allocating
+# them afresh cost more than the computation on small layers: glibc returns
+# a freed multi-MiB block to the system, and the next call faults its pages
+# back in (twice the time of a 2 ms autoencoder layer). A thread's buffer
+# only grows, up to the plan's bound (``_blas_backend.WORKSPACE_BYTES`` plus
+# the row descriptors); ``release_workspace`` drops it.
+_thread_cache = threading.local()
+
+cdef enum:
+    ALIGN = 64  # bytes: each buffer starts on a cache line
+
+
+def release_workspace():
+    """Drop the calling thread's cached work buffers (the next call allocates them again)."""
+    _thread_cache.__dict__.pop("buffer", None)
+
+
+def cached_workspace_bytes():
+    """Bytes of work buffers the calling thread keeps between calls."""
+    buffer = getattr(_thread_cache, "buffer", None)
+    return 0 if buffer is None else buffer.nbytes
+
+
+cdef inline size_t aligned(size_t nbytes) noexcept nogil:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+cdef unsigned char* thread_buffer(size_t nbytes) except NULL:
+    """The calling thread's cached buffer, grown to at least ``nbytes`` (+ alignment slack)."""
+    cdef unsigned char[::1] view
+    buffer = getattr(_thread_cache, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes + ALIGN:
+        _thread_cache.buffer = None  # free the old one before allocating the new one
+        try:
+            buffer = np.empty(nbytes + ALIGN, dtype=np.uint8)
+        except MemoryError:
+            raise MemoryError(f"tconv: could not allocate {nbytes} bytes of workspace") from None
+        _thread_cache.buffer = buffer
+    view = buffer
+    return &view[0] + (-(<size_t>&view[0])) % ALIGN
+
+
 cdef int workspace_alloc(Workspace* ws, size_t cols_bytes, size_t packed_bytes,
                          Py_ssize_t n_rows) except -1 nogil:
-    # PyMem_Raw* is malloc without the GIL, but seen by tracemalloc (the
-    # benchmark measures each call's extra memory with it).
-    ws.cols = PyMem_RawMalloc(cols_bytes) if cols_bytes else NULL
-    ws.packed = PyMem_RawMalloc(packed_bytes) if packed_bytes else NULL
-    ws.rows = <Row*>PyMem_RawMalloc(n_rows * sizeof(Row))
-    if (cols_bytes and ws.cols == NULL) or (packed_bytes and ws.packed == NULL) or ws.rows == NULL:
-        workspace_free(ws)
-        with gil:
-            raise MemoryError(f"tconv: could not allocate {cols_bytes + packed_bytes} bytes of workspace")
+    cdef unsigned char* base
+    with gil:
+        base = thread_buffer(aligned(cols_bytes) + aligned(packed_bytes) + n_rows * sizeof(Row))
+    ws.cols = base if cols_bytes else NULL
+    ws.packed = base + aligned(cols_bytes) if packed_bytes else NULL
+    ws.rows = <Row*>(base + aligned(cols_bytes) + aligned(packed_bytes))
     return 0
 
 
 cdef void workspace_free(Workspace* ws) noexcept nogil:
-    PyMem_RawFree(ws.cols)
-    PyMem_RawFree(ws.packed)
-    PyMem_RawFree(ws.rows)
+    # the buffer stays cached for the thread's next call
     ws.cols = ws.packed = NULL
     ws.rows = NULL
 

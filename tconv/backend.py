@@ -58,6 +58,18 @@ class Geometry:
     pad_begin: Triple
     groups: int
 
+    def __hash__(self) -> int:
+        # The plans of the backends are cached per geometry (``functools.lru_cache``),
+        # so a geometry is hashed on every call: the fields' hash is kept after the
+        # first time (it is what the dataclass's own ``__hash__`` would return).
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = hash((self.image, self.grid, self.kernel, self.stride, self.dilation,
+                          self.pad_begin, self.groups))
+            object.__setattr__(self, "_hash", value)
+            return value
+
 
 def taps_leave_image(geom: Geometry) -> bool:
     """Whether some (grid cell, tap) pair lands outside the image.
@@ -99,6 +111,10 @@ class Backend:
     def is_available(self) -> bool:
         """Whether this backend can run in this process."""
         return self.availability()[0]
+
+    def release_workspace(self) -> None:
+        """Drop the work buffers this backend keeps for the calling thread between
+        calls, if any (the next call allocates them again). Optional."""
 
     # -- array handling: CPU backends keep NumPy; a device backend overrides --
     def asarray(self, array: Any, dtype: np.dtype) -> Any:

@@ -146,3 +146,32 @@ def test_patches_route_matches_the_definition(monkeypatch, budget, ndim, assert_
         x, w, b, stride=(2,) * ndim, pad_begin=(3,) * ndim, pad_end=(3,) * ndim,
         output_padding=(1,) * ndim, dilation=(2,) * ndim, groups=groups)
     assert_close(got, expected)
+
+
+def test_work_buffers_are_cached_per_thread_and_released():
+    """A layer called in a loop reuses its thread's work buffers; other threads have their own."""
+    import threading
+
+    core = blas_backend._blas_core
+    backend = tconv.registry.resolve_backend("blas")
+    x, w = np.ones((4, 8, 6, 6)), np.ones((8, 4, 3, 3))
+    backend.release_workspace()
+    assert core.cached_workspace_bytes() == 0
+    first = tconv.conv_transpose2d(x, w, stride=2, backend="blas")
+    held = core.cached_workspace_bytes()
+    assert held > 0
+    again = tconv.conv_transpose2d(x, w, stride=2, backend="blas")
+    assert core.cached_workspace_bytes() == held and np.array_equal(first, again)
+    seen = {}
+
+    def other_thread():
+        seen["before"] = core.cached_workspace_bytes()
+        tconv.conv_transpose2d(x, w, stride=2, backend="blas")
+        seen["after"] = core.cached_workspace_bytes()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen == {"before": 0, "after": held}
+    backend.release_workspace()
+    assert core.cached_workspace_bytes() == 0

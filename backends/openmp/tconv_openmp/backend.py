@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -69,6 +70,23 @@ def _tables(geom: Geometry) -> tuple:
     return tables
 
 
+# Work buffers are cached per calling thread and reused (see the core's
+# ``_blas_core`` for why: freed multi-MiB blocks go back to the system, and
+# faulting them in again on every call cost as much as a small layer's work).
+_thread_cache = threading.local()
+
+
+def _scratch(slot: str, count: int, dtype: np.dtype) -> np.ndarray:
+    """``count`` elements of ``dtype`` from the calling thread's cached buffer ``slot``."""
+    buffers = _thread_cache.__dict__.setdefault("buffers", {})
+    nbytes = max(1, count) * dtype.itemsize
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffers.pop(slot, None)  # free the old one before allocating the new one
+        buffer = buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes].view(dtype)
+
+
 def _flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1)
 
@@ -85,6 +103,10 @@ class OpenMPBackend(Backend):
     name = "openmp"
     description = "Cython prange kernels, one single-threaded GEMM per task, for several cores"
     default_priority = 20
+
+    def release_workspace(self) -> None:
+        _thread_cache.__dict__.pop("buffers", None)
+        _CORE.release_workspace()
 
     def availability(self) -> tuple[bool, str]:
         try:
@@ -126,7 +148,7 @@ class OpenMPBackend(Backend):
             _plan.check_blas_ints(cells, q * taps, p, tiling.width(cells))
             units = g * (-(-n // tiling.fold) if tiling.fold > 1 else n)
             threads = self._threads(units * -(-q // plan.block))
-            work = np.empty(threads * plan.per_thread, dtype=dtype)
+            work = _scratch("work", threads * plan.per_thread, dtype)
             kernels.scatter_direct(
                 _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
                 geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
@@ -135,8 +157,8 @@ class OpenMPBackend(Backend):
             return out
         _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
         threads = self._threads(g * tiling.tiles(plan.samples, plan.cells))
-        cols = np.empty(plan.shared, dtype=dtype)
-        work = np.empty(max(1, threads * plan.per_thread), dtype=dtype)
+        cols = _scratch("cols", plan.shared, dtype)
+        work = _scratch("work", threads * plan.per_thread, dtype)
         kernels.scatter(
             _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), cols, work,
             geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
@@ -162,7 +184,7 @@ class OpenMPBackend(Backend):
         tasks = g * tiling.tiles(n, cells)
         threads = self._threads(tasks)
         out = np.empty((n, g * q, *geom.grid), dtype=dtype)
-        work = np.empty(threads * plan.per_thread, dtype=dtype)
+        work = _scratch("work", threads * plan.per_thread, dtype)
         bias_array, has_bias = _bias(bias, dtype)
         kernels.gather(
             _flat(image_in), _flat(weight), bias_array, has_bias, _flat(out), work,
@@ -188,7 +210,7 @@ class OpenMPBackend(Backend):
         tasks = g * -(-(p * taps) // plan.rows)
         threads = self._threads(tasks)
         out = np.empty((g * q, p, *geom.kernel), dtype=dtype)
-        work = np.empty(threads * plan.per_thread, dtype=dtype)
+        work = _scratch("work", threads * plan.per_thread, dtype)
         kernels.weight_grad(
             _flat(image_in), _flat(grid_in), _flat(out), work,
             geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
