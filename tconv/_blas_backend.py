@@ -142,6 +142,16 @@ def scatter_route(geom: Geometry, depth: int) -> str:
     return "col2im"
 
 
+def covers_exactly(geom: Geometry) -> bool:
+    """Whether every image cell receives exactly one (grid cell, tap) product: taps
+    side by side with no gap or overlap (stride = kernel, undilated) and the
+    image inside the grid's full extent, so col2im can write instead of add."""
+    return all(
+        s == k and (k == 1 or d == 1) and 0 <= p and i <= g * s - p
+        for i, g, k, s, d, p in zip(geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin)
+    )
+
+
 def patch_plan(geom: Geometry, q: int, itemsize: int) -> tuple[int, int]:
     """(grid cells, output channels) per GEMM of the ``"patches"`` route.
 
@@ -245,6 +255,7 @@ class BlasBackend(Backend):
         _blas_core.scatter(
             grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block, plan.interleaved,
+            covers_exactly(geom),
         )
         return out
 

@@ -283,6 +283,59 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
                                                    src + row.j0 + lw, t.lt, t.nt)
 
 
+cdef inline void set_strided(floating* dst, Py_ssize_t stride, const floating* src,
+                             Py_ssize_t lo, Py_ssize_t hi, floating value) noexcept nogil:
+    """dst[i * stride] = src[i] + value for lo <= i < hi (col2im when taps never overlap)."""
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        dst[i * stride] = src[i] + value
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
+                       Py_ssize_t rows, floating* image, Py_ssize_t image_stride_n,
+                       Py_ssize_t image_stride_c, const Tile* t,
+                       const Row* grid_rows, Py_ssize_t n_rows,
+                       const floating* bias) noexcept nogil:
+    """Write a column buffer into an image its taps cover exactly once (stride equal
+    to the kernel, e.g. U-Net's k2 s2): ``image = bias + cols``, no fill, no read.
+
+    Same layout as ``col2im_scatter``; ``bias`` (or NULL) from the block's first channel.
+    """
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t c, kd, kh, kw, r, s, lo, hi
+    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
+    cdef Py_ssize_t ow0, sw = g.stride[2]
+    cdef const floating* src
+    cdef floating* dst_row
+    cdef const Row* row
+    cdef floating value
+    for c in range(channels):
+        value = bias[c] if bias != NULL else 0
+        for kd in range(g.kernel[0]):
+            valid_grid_range(g, 0, kd, &first_d, &last_d)
+            for kh in range(g.kernel[1]):
+                valid_grid_range(g, 1, kh, &first_h, &last_h)
+                for kw in range(g.kernel[2]):
+                    valid_grid_range(g, 2, kw, &first_w, &last_w)
+                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
+                                  + kh * g.kernel[2] + kw) * tile_cols
+                    ow0 = kw * g.dilation[2] - g.pad[2]
+                    for r in range(n_rows):
+                        row = &grid_rows[r]
+                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
+                            continue
+                        lo = row.lw0 if row.lw0 > first_w else first_w
+                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
+                        dst_row = image + c * image_stride_c + t.n0 * image_stride_n + (
+                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
+                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
+                        for s in range(t.nt):
+                            set_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi, value)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -634,7 +687,7 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
             const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
             tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
             Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-            Py_ssize_t n_tiles, Py_ssize_t q_block, bint interleaved):
+            Py_ssize_t n_tiles, Py_ssize_t q_block, bint interleaved, bint exact_cover):
     """col2im: ``out = bias + scatter(grid_in, weight)`` (transposed conv forward).
 
     Per tile, group and block of ``q_block`` output channels:
@@ -642,6 +695,8 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     then the cols are added into ``out``. ``interleaved`` (folded tiles
     only) orders the tile's columns sample-minor and accumulates in a
     buffer of ``q_block * image cells * samples_per_tile`` elements.
+    ``exact_cover`` (taps never overlap and cover the image: see
+    ``_blas_backend.covers_exactly``) writes the cols instead of adding them.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
@@ -664,7 +719,7 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef floating one = 1, zero = 0
 
     with nogil:
-        if not interleaved:  # interleaved tiles store every output element themselves
+        if not (interleaved or exact_cover):  # (those store every output element themselves)
             for b in range(n):
                 fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
         workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
@@ -700,6 +755,11 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
                         store_interleaved(acc, qb, g.image_cells,
                                           y + t.n0 * c_out * g.image_cells + (gi * Q + q0) * g.image_cells,
                                           c_out * g.image_cells, t.nt)
+                    elif exact_cover:
+                        col2im_cover(&g, cols, t.cols, qb * K,
+                                     y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
+                                     g.image_cells, &t, ws.rows, n_rows,
+                                     bias_ptr + gi * Q + q0 if has_bias else NULL)
                     else:
                         col2im_scatter(&g, cols, t.cols, qb * K,
                                        y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,

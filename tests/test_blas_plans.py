@@ -175,3 +175,40 @@ def test_work_buffers_are_cached_per_thread_and_released():
     assert seen == {"before": 0, "after": held}
     backend.release_workspace()
     assert core.cached_workspace_bytes() == 0
+
+
+# stride = kernel: taps side by side. With the image inside the grid's full
+# extent every cell gets exactly one product and col2im writes instead of
+# adding; output_padding past that extent leaves cells only the bias reaches.
+COVER_CASES = {  # name: (padding, output_padding, covers exactly)
+    "full": (0, 0, True),
+    "cropped": (1, 1, True),
+    "past_the_extent": (0, 1, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COVER_CASES))
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, assert_close):
+    padding, output_padding, covers = COVER_CASES[case]
+    monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)  # column tiles: several per sample
+    monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
+    blas_backend.scatter_plan.cache_clear()
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((3, 4) + (SIZE[ndim] + 1,) * ndim)
+    w = rng.standard_normal((4, 3, *(2,) * ndim))
+    b = rng.standard_normal(6)
+    try:
+        got = getattr(tconv, f"conv_transpose{ndim}d")(
+            x, w, b, stride=2, padding=padding, output_padding=output_padding, groups=2, backend="blas")
+    finally:
+        blas_backend.scatter_plan.cache_clear()
+    lead = 3 - ndim
+    geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
+                    kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (2,) * ndim,
+                    dilation=(1, 1, 1), pad_begin=(0,) * lead + (padding,) * ndim, groups=2)
+    assert blas_backend.covers_exactly(geom) == covers
+    expected = oracle.conv_transpose_loops(
+        x, w, b, stride=(2,) * ndim, pad_begin=(padding,) * ndim, pad_end=(padding,) * ndim,
+        output_padding=(output_padding,) * ndim, dilation=(1,) * ndim, groups=2)
+    assert_close(got, expected)
