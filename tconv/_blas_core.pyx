@@ -103,16 +103,43 @@ cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return q
 
 
-cdef inline void valid_grid_range(const Geom* g, int d, Py_ssize_t tap,
-                                  Py_ssize_t* first, Py_ssize_t* last) noexcept nogil:
-    """Grid cells l of dim d whose tap lands inside the image: first <= l <= last."""
-    cdef Py_ssize_t offset = tap * g.dilation[d] - g.pad[d]
-    first[0] = -floor_div(offset, g.stride[d])          # ceil(-offset / stride)
-    if first[0] < 0:
-        first[0] = 0
-    last[0] = floor_div(g.image[d] - 1 - offset, g.stride[d])
-    if last[0] > g.grid[d] - 1:
-        last[0] = g.grid[d] - 1
+cdef struct Tap:
+    # Where one kernel tap lands: grid cells first[d] .. last[d] of dim d land
+    # inside the image, cell l at image index l * stride[d] + offset[d]
+    # (first > last where none does).
+    Py_ssize_t first[3]
+    Py_ssize_t last[3]
+    Py_ssize_t offset[3]
+
+
+@cython.cdivision(True)
+cdef inline void tap_at(const Geom* g, Py_ssize_t k, Tap* tap) noexcept nogil:
+    """The landing of kernel tap ``k`` (row-major over (kd, kh, kw))."""
+    cdef Py_ssize_t index[3]
+    cdef int d
+    index[2] = k % g.kernel[2]
+    index[1] = (k // g.kernel[2]) % g.kernel[1]
+    index[0] = k // (g.kernel[2] * g.kernel[1])
+    for d in range(3):
+        tap.offset[d] = index[d] * g.dilation[d] - g.pad[d]
+        tap.first[d] = -floor_div(tap.offset[d], g.stride[d])  # ceil(-offset / stride)
+        if tap.first[d] < 0:
+            tap.first[d] = 0
+        tap.last[d] = floor_div(g.image[d] - 1 - tap.offset[d], g.stride[d])
+        if tap.last[d] > g.grid[d] - 1:
+            tap.last[d] = g.grid[d] - 1
+
+
+cdef inline bint tap_misses_row(const Tap* tap, Py_ssize_t ld, Py_ssize_t lh) noexcept nogil:
+    """Whether the tap lands outside the image for the whole grid row (ld, lh)."""
+    return ld < tap.first[0] or ld > tap.last[0] or lh < tap.first[1] or lh > tap.last[1]
+
+
+cdef inline Py_ssize_t image_row(const Geom* g, const Tap* tap, Py_ssize_t ld, Py_ssize_t lh) noexcept nogil:
+    """Image index where grid cell (ld, lh, 0) lands at this tap; cell (ld, lh, lw) is
+    ``lw * stride[2]`` further (outside the image unless first <= lw <= last)."""
+    return (((ld * g.stride[0] + tap.offset[0]) * g.image[1] + lh * g.stride[1] + tap.offset[1]) * g.image[2]
+            + tap.offset[2])
 
 
 cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t cells,
@@ -234,53 +261,39 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
     which grid cells the tile's columns are (see ``tile_rows``).
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, r, s, ld, lh, lw, lo, hi
-    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t ow0, sw = g.stride[2]
+    cdef Py_ssize_t c, k, r, s, ld, lh, lw, lo, hi
+    cdef Py_ssize_t sw = g.stride[2]
+    cdef Tap tap
     cdef const floating* src
     cdef floating* dst
     cdef floating* dst_row
     cdef const Row* row
     for c in range(channels):
         dst = image + c * image_stride_c
-        for kd in range(g.kernel[0]):
-            valid_grid_range(g, 0, kd, &first_d, &last_d)
-            for kh in range(g.kernel[1]):
-                valid_grid_range(g, 1, kh, &first_h, &last_h)
-                for kw in range(g.kernel[2]):
-                    valid_grid_range(g, 2, kw, &first_w, &last_w)
-                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
-                                  + kh * g.kernel[2] + kw) * tile_cols
-                    ow0 = kw * g.dilation[2] - g.pad[2]
-                    if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
-                        if first_d > last_d or first_h > last_h or first_w > last_w:
-                            continue
-                        for s in range(t.nt):
-                            for ld in range(first_d, last_d + 1):
-                                for lh in range(first_h, last_h + 1):
-                                    add_strided(
-                                        dst + (t.n0 + s) * image_stride_n
-                                        + ((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                                           + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0,
-                                        sw, src + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2],
-                                        first_w, last_w + 1)
-                        continue
-                    for r in range(n_rows):
-                        row = &grid_rows[r]
-                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
-                            continue
-                        lo = row.lw0 if row.lw0 > first_w else first_w
-                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
-                        dst_row = dst + t.n0 * image_stride_n + (
-                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
-                        if hi - lo >= SHORT_RUN or t.nt == 1:
-                            for s in range(t.nt):
-                                add_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi)
-                        else:  # short runs (small images): the samples make the long loop
-                            for lw in range(lo, hi):
-                                add_across_samples(dst_row + lw * sw, image_stride_n,
-                                                   src + row.j0 + lw, t.lt, t.nt)
+        for k in range(g.taps):
+            tap_at(g, k, &tap)
+            src = cols + (c * g.taps + k) * tile_cols
+            if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
+                for s in range(t.nt):
+                    for ld in range(tap.first[0], tap.last[0] + 1):
+                        for lh in range(tap.first[1], tap.last[1] + 1):
+                            add_strided(dst + (t.n0 + s) * image_stride_n + image_row(g, &tap, ld, lh), sw,
+                                        src + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2],
+                                        tap.first[2], tap.last[2] + 1)
+                continue
+            for r in range(n_rows):
+                row = &grid_rows[r]
+                if tap_misses_row(&tap, row.d, row.h):
+                    continue
+                lo = row.lw0 if row.lw0 > tap.first[2] else tap.first[2]
+                hi = row.lw1 if row.lw1 < tap.last[2] + 1 else tap.last[2] + 1
+                dst_row = dst + t.n0 * image_stride_n + image_row(g, &tap, row.d, row.h)
+                if hi - lo >= SHORT_RUN or t.nt == 1:
+                    for s in range(t.nt):
+                        add_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi)
+                else:  # short runs (small images): the samples make the long loop
+                    for lw in range(lo, hi):
+                        add_across_samples(dst_row + lw * sw, image_stride_n, src + row.j0 + lw, t.lt, t.nt)
 
 
 cdef inline void set_strided(floating* dst, Py_ssize_t stride, const floating* src,
@@ -305,35 +318,27 @@ cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols
     Same layout as ``col2im_scatter``; ``bias`` (or NULL) from the block's first channel.
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, r, s, lo, hi
-    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t ow0, sw = g.stride[2]
+    cdef Py_ssize_t c, k, r, s, lo, hi
+    cdef Py_ssize_t sw = g.stride[2]
+    cdef Tap tap
     cdef const floating* src
     cdef floating* dst_row
     cdef const Row* row
     cdef floating value
     for c in range(channels):
         value = bias[c] if bias != NULL else 0
-        for kd in range(g.kernel[0]):
-            valid_grid_range(g, 0, kd, &first_d, &last_d)
-            for kh in range(g.kernel[1]):
-                valid_grid_range(g, 1, kh, &first_h, &last_h)
-                for kw in range(g.kernel[2]):
-                    valid_grid_range(g, 2, kw, &first_w, &last_w)
-                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
-                                  + kh * g.kernel[2] + kw) * tile_cols
-                    ow0 = kw * g.dilation[2] - g.pad[2]
-                    for r in range(n_rows):
-                        row = &grid_rows[r]
-                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
-                            continue
-                        lo = row.lw0 if row.lw0 > first_w else first_w
-                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
-                        dst_row = image + c * image_stride_c + t.n0 * image_stride_n + (
-                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
-                        for s in range(t.nt):
-                            set_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi, value)
+        for k in range(g.taps):
+            tap_at(g, k, &tap)
+            src = cols + (c * g.taps + k) * tile_cols
+            for r in range(n_rows):
+                row = &grid_rows[r]
+                if tap_misses_row(&tap, row.d, row.h):
+                    continue
+                lo = row.lw0 if row.lw0 > tap.first[2] else tap.first[2]
+                hi = row.lw1 if row.lw1 < tap.last[2] + 1 else tap.last[2] + 1
+                dst_row = image + c * image_stride_c + t.n0 * image_stride_n + image_row(g, &tap, row.d, row.h)
+                for s in range(t.nt):
+                    set_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi, value)
 
 
 @cython.boundscheck(False)
@@ -348,61 +353,48 @@ cdef void im2col_gather(const Geom* g, const floating* image, Py_ssize_t image_s
     The layout is the one ``col2im_scatter`` reads: row ``c * K + tap``.
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, r, s, ld, lh, lw, lo, hi
-    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t ow0, sw = g.stride[2]
+    cdef Py_ssize_t c, k, r, s, ld, lh, lw, lo, hi
+    cdef Py_ssize_t sw = g.stride[2]
+    cdef Tap tap
     cdef const floating* src
     cdef const floating* src_row
     cdef floating* dst
+    cdef floating* line
     cdef const Row* row
     for c in range(channels):
         src = image + c * image_stride_c
-        for kd in range(g.kernel[0]):
-            valid_grid_range(g, 0, kd, &first_d, &last_d)
-            for kh in range(g.kernel[1]):
-                valid_grid_range(g, 1, kh, &first_h, &last_h)
-                for kw in range(g.kernel[2]):
-                    valid_grid_range(g, 2, kw, &first_w, &last_w)
-                    dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
-                                  + kh * g.kernel[2] + kw) * tile_cols
-                    ow0 = kw * g.dilation[2] - g.pad[2]
-                    if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
-                        for s in range(t.nt):
-                            for ld in range(g.grid[0]):
-                                for lh in range(g.grid[1]):
-                                    if ld < first_d or ld > last_d or lh < first_h or lh > last_h:
-                                        memset(dst + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2], 0,
-                                               g.grid[2] * sizeof(floating))
-                                        continue
-                                    copy_strided(
-                                        dst + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2],
-                                        src + (t.n0 + s) * image_stride_n
-                                        + ((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                                           + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0,
-                                        sw, 0, first_w, last_w + 1, g.grid[2])
-                        continue
-                    for r in range(n_rows):
-                        row = &grid_rows[r]
-                        if row.d < first_d or row.d > last_d or row.h < first_h or row.h > last_h:
-                            for s in range(t.nt):
-                                memset(dst + s * t.lt + row.j0 + row.lw0, 0,
-                                       (row.lw1 - row.lw0) * sizeof(floating))
-                            continue
-                        lo = row.lw0 if row.lw0 > first_w else first_w
-                        hi = row.lw1 if row.lw1 < last_w + 1 else last_w + 1
-                        src_row = src + t.n0 * image_stride_n + (
-                            (row.d * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                            + row.h * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2] + ow0
-                        if hi - lo >= SHORT_RUN or t.nt == 1:
-                            for s in range(t.nt):
-                                copy_strided(dst + s * t.lt + row.j0, src_row + s * image_stride_n,
-                                             sw, row.lw0, lo, hi, row.lw1)
-                        else:  # short runs (small images): the samples make the long loop
-                            for s in range(t.nt):  # zero the cells outside the image first
-                                copy_strided(dst + s * t.lt + row.j0, src_row, sw, row.lw0, lo, lo, row.lw1)
-                            for lw in range(lo, hi):
-                                copy_across_samples(dst + row.j0 + lw, t.lt, src_row + lw * sw,
-                                                    image_stride_n, t.nt)
+        for k in range(g.taps):
+            tap_at(g, k, &tap)
+            dst = cols + (c * g.taps + k) * tile_cols
+            if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
+                for s in range(t.nt):
+                    for ld in range(g.grid[0]):
+                        for lh in range(g.grid[1]):
+                            line = dst + s * t.lt + (ld * g.grid[1] + lh) * g.grid[2]
+                            if tap_misses_row(&tap, ld, lh):
+                                memset(line, 0, g.grid[2] * sizeof(floating))
+                            else:
+                                copy_strided(line, src + (t.n0 + s) * image_stride_n + image_row(g, &tap, ld, lh),
+                                             sw, 0, tap.first[2], tap.last[2] + 1, g.grid[2])
+                continue
+            for r in range(n_rows):
+                row = &grid_rows[r]
+                if tap_misses_row(&tap, row.d, row.h):
+                    for s in range(t.nt):
+                        memset(dst + s * t.lt + row.j0 + row.lw0, 0, (row.lw1 - row.lw0) * sizeof(floating))
+                    continue
+                lo = row.lw0 if row.lw0 > tap.first[2] else tap.first[2]
+                hi = row.lw1 if row.lw1 < tap.last[2] + 1 else tap.last[2] + 1
+                src_row = src + t.n0 * image_stride_n + image_row(g, &tap, row.d, row.h)
+                if hi - lo >= SHORT_RUN or t.nt == 1:
+                    for s in range(t.nt):
+                        copy_strided(dst + s * t.lt + row.j0, src_row + s * image_stride_n, sw, row.lw0, lo, hi,
+                                     row.lw1)
+                else:  # short runs (small images): the samples make the long loop
+                    for s in range(t.nt):  # zero the cells outside the image first
+                        copy_strided(dst + s * t.lt + row.j0, src_row, sw, row.lw0, lo, lo, row.lw1)
+                    for lw in range(lo, hi):
+                        copy_across_samples(dst + row.j0 + lw, t.lt, src_row + lw * sw, image_stride_n, t.nt)
 
 
 @cython.boundscheck(False)
@@ -467,54 +459,30 @@ cdef void pack_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void fill_interleaved(floating* acc, Py_ssize_t channels, Py_ssize_t per_channel,
-                           const floating* bias, bint has_bias) noexcept nogil:
-    """acc[c, :] = bias[c] (or 0), ``per_channel`` elements per channel."""
-    cdef Py_ssize_t c, i
-    cdef floating value
-    for c in range(channels):
-        if has_bias:
-            value = bias[c]
-            for i in range(per_channel):
-                acc[c * per_channel + i] = value
-        else:
-            memset(acc + c * per_channel, 0, per_channel * sizeof(floating))
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
 @cython.cdivision(True)
 cdef void col2im_scatter_interleaved(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
                                      Py_ssize_t rows, floating* acc, Py_ssize_t nt) noexcept nogil:
     """Add an interleaved column buffer into ``acc[(c * I + image cell) * nt + s]``."""
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, s
-    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t ow0, step = g.stride[2] * nt
+    cdef Py_ssize_t c, k, ld, lh, lw, s
+    cdef Py_ssize_t step = g.stride[2] * nt
+    cdef Tap tap
     cdef const floating* src
     cdef const floating* src_run
     cdef floating* dst
     cdef floating* dst_run
     for c in range(channels):
         dst = acc + c * g.image_cells * nt
-        for kd in range(g.kernel[0]):
-            valid_grid_range(g, 0, kd, &first_d, &last_d)
-            for kh in range(g.kernel[1]):
-                valid_grid_range(g, 1, kh, &first_h, &last_h)
-                for kw in range(g.kernel[2]):
-                    valid_grid_range(g, 2, kw, &first_w, &last_w)
-                    src = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
-                                  + kh * g.kernel[2] + kw) * tile_cols
-                    ow0 = kw * g.dilation[2] - g.pad[2]
-                    for ld in range(first_d, last_d + 1):
-                        for lh in range(first_h, last_h + 1):
-                            dst_run = dst + (((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                                              + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2]
-                                             + ow0 + first_w * g.stride[2]) * nt
-                            src_run = src + ((ld * g.grid[1] + lh) * g.grid[2] + first_w) * nt
-                            for lw in range(last_w - first_w + 1):
-                                for s in range(nt):
-                                    dst_run[lw * step + s] += src_run[lw * nt + s]
+        for k in range(g.taps):
+            tap_at(g, k, &tap)
+            src = cols + (c * g.taps + k) * tile_cols
+            for ld in range(tap.first[0], tap.last[0] + 1):
+                for lh in range(tap.first[1], tap.last[1] + 1):
+                    dst_run = dst + (image_row(g, &tap, ld, lh) + tap.first[2] * g.stride[2]) * nt
+                    src_run = src + ((ld * g.grid[1] + lh) * g.grid[2] + tap.first[2]) * nt
+                    for lw in range(tap.last[2] - tap.first[2] + 1):
+                        for s in range(nt):
+                            dst_run[lw * step + s] += src_run[lw * nt + s]
 
 
 @cython.boundscheck(False)
@@ -525,44 +493,36 @@ cdef void im2col_gather_interleaved(const Geom* g, const floating* image, Py_ssi
     """cols[(c * K + tap) * tile_cols + l * nt + s] = image[(c * I + image cell) * nt + s],
     zero where the tap falls outside the image (``image`` packed by ``pack_interleaved``)."""
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, kd, kh, kw, ld, lh, lw, lo, hi, s
-    cdef Py_ssize_t first_w, last_w, first_h, last_h, first_d, last_d
-    cdef Py_ssize_t ow0, step = g.stride[2] * nt, run = g.grid[2] * nt
+    cdef Py_ssize_t c, k, ld, lh, lw, lo, hi, s
+    cdef Py_ssize_t step = g.stride[2] * nt, run = g.grid[2] * nt
+    cdef Tap tap
     cdef const floating* src
     cdef const floating* src_run
     cdef floating* dst
     cdef floating* line
     for c in range(channels):
         src = image + c * g.image_cells * nt
-        for kd in range(g.kernel[0]):
-            valid_grid_range(g, 0, kd, &first_d, &last_d)
-            for kh in range(g.kernel[1]):
-                valid_grid_range(g, 1, kh, &first_h, &last_h)
-                for kw in range(g.kernel[2]):
-                    valid_grid_range(g, 2, kw, &first_w, &last_w)
-                    lo, hi = first_w, last_w + 1
-                    if hi < lo:
-                        lo = hi = 0
-                    dst = cols + ((c * g.kernel[0] + kd) * g.kernel[1] * g.kernel[2]
-                                  + kh * g.kernel[2] + kw) * tile_cols
-                    ow0 = kw * g.dilation[2] - g.pad[2]
-                    for ld in range(g.grid[0]):
-                        for lh in range(g.grid[1]):
-                            line = dst + (ld * g.grid[1] + lh) * run
-                            if ld < first_d or ld > last_d or lh < first_h or lh > last_h:
-                                memset(line, 0, run * sizeof(floating))
-                                continue
-                            src_run = src + (((ld * g.stride[0] - g.pad[0] + kd * g.dilation[0]) * g.image[1]
-                                              + lh * g.stride[1] - g.pad[1] + kh * g.dilation[1]) * g.image[2]
-                                             + ow0 + lo * g.stride[2]) * nt
-                            memset(line, 0, lo * nt * sizeof(floating))
-                            if g.stride[2] == 1:
-                                memcpy(line + lo * nt, src_run, (hi - lo) * nt * sizeof(floating))
-                            else:  # runs of nt values: a plain loop beats a memcpy call each
-                                for lw in range(hi - lo):
-                                    for s in range(nt):
-                                        line[(lo + lw) * nt + s] = src_run[lw * step + s]
-                            memset(line + hi * nt, 0, (run - hi * nt) * sizeof(floating))
+        for k in range(g.taps):
+            tap_at(g, k, &tap)
+            lo, hi = tap.first[2], tap.last[2] + 1
+            if hi < lo:
+                lo = hi = 0
+            dst = cols + (c * g.taps + k) * tile_cols
+            for ld in range(g.grid[0]):
+                for lh in range(g.grid[1]):
+                    line = dst + (ld * g.grid[1] + lh) * run
+                    if tap_misses_row(&tap, ld, lh):
+                        memset(line, 0, run * sizeof(floating))
+                        continue
+                    src_run = src + (image_row(g, &tap, ld, lh) + lo * g.stride[2]) * nt
+                    memset(line, 0, lo * nt * sizeof(floating))
+                    if g.stride[2] == 1:
+                        memcpy(line + lo * nt, src_run, (hi - lo) * nt * sizeof(floating))
+                    else:  # runs of nt values: a plain loop beats a memcpy call each
+                        for lw in range(hi - lo):
+                            for s in range(nt):
+                                line[(lo + lw) * nt + s] = src_run[lw * step + s]
+                    memset(line + hi * nt, 0, (run - hi * nt) * sizeof(floating))
 
 
 cdef enum:
@@ -749,7 +709,7 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
                     gemm(c'N', c'T', t.cols, qb * K, P, one, operand, ld_operand,
                          w + gi * P * Q * K + q0 * K, Q * K, zero, cols, t.cols)
                     if interleaved:
-                        fill_interleaved(acc, qb, g.image_cells * t.nt,
+                        fill_channels(acc, qb, g.image_cells * t.nt,
                                          bias_ptr + gi * Q + q0 if has_bias else NULL, has_bias)
                         col2im_scatter_interleaved(&g, cols, t.cols, qb * K, acc, t.nt)
                         store_interleaved(acc, qb, g.image_cells,
@@ -820,7 +780,7 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
                     pack_interleaved(x + gi * P * g.image_cells, c_in * g.image_cells, P, g.image_cells,
                                      image_tile, g.image_cells * t.nt, &t)
                     im2col_gather_interleaved(&g, image_tile, P * K, cols, t.cols, t.nt)
-                    fill_interleaved(result, Q, t.cols, bias_ptr + gi * Q if has_bias else NULL, has_bias)
+                    fill_channels(result, Q, t.cols, bias_ptr + gi * Q if has_bias else NULL, has_bias)
                     # as below, into `result` (columns sample-minor), then transposed out
                     gemm(c'N', c'N', t.cols, Q, P * K, one, cols, t.cols,
                          w + gi * Q * P * K, P * K, one, result, t.cols)

@@ -181,6 +181,17 @@ cdef void pack_rows(const floating* src, Py_ssize_t sample_stride, Py_ssize_t ro
 # --------------------------------------------------------------------------- #
 # im2col and col2im on one task's share
 # --------------------------------------------------------------------------- #
+@cython.cdivision(True)
+cdef inline Py_ssize_t split_row(Py_ssize_t row, const Sizes* s, Py_ssize_t* k0, Py_ssize_t* k1,
+                                 Py_ssize_t* k2) noexcept nogil:
+    """An im2col row ``p * K + tap``: returns p, sets the tap's (d, h, w) indices."""
+    cdef Py_ssize_t k = row % s.taps
+    k0[0] = k // (s.kernel[1] * s.kernel[2])
+    k1[0] = (k // s.kernel[2]) % s.kernel[1]
+    k2[0] = k % s.kernel[2]
+    return row // s.taps
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -192,20 +203,15 @@ cdef void im2col_rows(const floating* image, Py_ssize_t row0, Py_ssize_t rows,
     Rows ``row0 .. row0 + rows - 1`` of the im2col matrix (row = p * K + tap)
     of one (sample, group), columns (grid cells) ``col0 .. col0 + width - 1``.
     """
-    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
     cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
     cdef Py_ssize_t I1 = s.image[1], I2 = s.image[2]
-    cdef Py_ssize_t r, p, k, k0, k1, k2, j, run, u, a0, a1, a2, i0, i1, i2
+    cdef Py_ssize_t r, p, k0, k1, k2, j, run, u, a0, a1, a2, i0, i1, i2
     cdef const floating* src
     cdef const floating* line
     cdef const Py_ssize_t* map_w
     cdef floating* dst
     for r in range(rows):
-        p = (row0 + r) // K
-        k = (row0 + r) % K
-        k0 = k // (K1 * K2)
-        k1 = (k // K2) % K1
-        k2 = k % K2
+        p = split_row(row0 + r, s, &k0, &k1, &k2)
         src = image + p * s.image_cells
         dst = buf + r * ld
         a2 = col0 % G2
@@ -375,19 +381,14 @@ cdef void im2col_rows_interleaved(const floating* image, Py_ssize_t p0, Py_ssize
     """``buf[r * ld + cell * ns + i] = image[((p - p0) * I + image(cell, tap)) * ns + i]`` (0 off
     the image) for im2col rows ``row0 ..`` (row = p * K + tap); ``image`` holds channels
     ``p0 ..`` of ``ns`` samples, packed by ``pack_interleaved``."""
-    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
     cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
     cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2]
-    cdef Py_ssize_t r, p, k, k0, k1, k2, a0, a1, a2, i0, i1, i2, i
+    cdef Py_ssize_t r, p, k0, k1, k2, a0, a1, a2, i0, i1, i2, i
     cdef const floating* src
     cdef const floating* base
     cdef floating* line
     for r in range(rows):
-        p = (row0 + r) // K
-        k = (row0 + r) % K
-        k0 = k // (K1 * K2)
-        k1 = (k // K2) % K1
-        k2 = k % K2
+        p = split_row(row0 + r, s, &k0, &k1, &k2)
         src = image + (p - p0) * I * ns
         for a0 in range(G0):
             i0 = t.map0[k0 * G0 + a0]
