@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import layers, report
-from .suite import Options, choose_backends, run_suite
+from .suite import Options, choose_backends, run_suite, scaling_plan
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace] | None:
@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the speedups to PATH")
     parser.add_argument("--split", action="store_true", help="also time the bare GEMMs of each case (GEMM share column)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the extra-memory measurement")
+    parser.add_argument(
+        "--no-scaling", dest="scaling", action="store_false",
+        help="skip the thread-scaling measurement (lowest vs highest --threads, timed side by side, on the large shapes)",
+    )
     parser.add_argument("--gemm-size", type=int, default=None, metavar="N", help="size of the GEMM-peak sgemm (default 2048, 1536 with --quick)")
     parser.add_argument("--list", action="store_true", help="list the cases and backends, run nothing")
     args = parser.parse_args(argv)
@@ -58,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         quick=args.quick,
         split=args.split,
         memory=args.memory,
+        scaling=args.scaling,
         gemm_size=args.gemm_size or (1536 if args.quick else 2048),
     ), args
 
@@ -68,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     options, args = parsed
     try:
-        choose_backends(options.backends)
+        backends, _ = choose_backends(options.backends)
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2
     units = len(options.threads) * (1 + len(layers.select(options.layers, options.quick)))
+    units += len(scaling_plan(options, backends))
     with report.progress(units, enabled=sys.stderr.isatty()) as step:
         document = run_suite(options, step)
     report.print_report(document)

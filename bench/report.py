@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .layers import SCALING_CASES
 from .summary import TARGETS
 
-__all__ = ["console", "progress", "print_report", "write_json", "write_plot"]
+__all__ = ["console", "progress", "print_report", "scaling_lines", "write_json", "write_plot"]
 
 PEER_LABELS = {"torch": "torch", "ort": "ORT"}
 
@@ -215,8 +216,64 @@ def _summary_table(document: dict[str, Any]) -> Table:
     return table
 
 
+def _threads_label(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def _scaling_table(document: dict[str, Any]) -> Table:
+    low, high = document["scaling"][0]["threads"]
+    table = Table(
+        title=f"Thread scaling ({low} -> {high} threads, timed side by side)",
+        title_justify="left",
+        header_style="bold",
+    )
+    table.add_column("backend")
+    table.add_column("case", no_wrap=True)
+    table.add_column(f"{_threads_label(low)}", justify="right")
+    table.add_column(f"{_threads_label(high)}", justify="right")
+    table.add_column("speedup", justify="right")
+    for r in document["scaling"]:
+        if "speedup" not in r:
+            table.add_row(r["backend"], r["case"], f"[dim]{escape(r['skipped'])}[/]", "", "")
+            continue
+        table.add_row(r["backend"], r["case"], fmt_time(r["median_s"][0]), fmt_time(r["median_s"][1]),
+                      f"{r['speedup']:.2f}x")
+    return table
+
+
+def scaling_lines(document: dict[str, Any]) -> list[str]:
+    """One line per backend: its min and geomean thread-scaling speedup, and the target if it has one.
+
+    Parameters
+    ----------
+    document : dict
+        A benchmark document (``scaling_summary`` is read).
+
+    Returns
+    -------
+    list of str
+        Rich markup, e.g. ``openmp: 2-thread speedup on the large shapes min
+        1.85x, geomean 1.90x (target >= 1.7x)``.
+    """
+    lines = []
+    for s in document.get("scaling_summary", []):
+        text = (
+            f"{s['backend']}: {s['threads'][1]}-thread speedup on the large shapes "
+            f"min {s['min_speedup']:.2f}x, geomean {s['geomean_speedup']:.2f}x"
+        )
+        if s["target"] is not None:
+            colour = "green" if s["meets"] else "red"
+            text = f"[{colour}]{text} (target >= {s['target']}x)[/]"
+        else:
+            text += " (no target; for comparison)"
+        if len(s["speedups"]) < len(SCALING_CASES):
+            text += f" - {len(s['speedups'])} of the {len(SCALING_CASES)} shapes measured"
+        lines.append(text)
+    return lines
+
+
 def print_report(document: dict[str, Any], out: Console | None = None) -> None:
-    """Machine line, one table per thread count, the summary, then notes."""
+    """Machine line, one table per thread count, the summary, the thread scaling, then notes."""
     out = out or console()
     m = document["machine"]
     cores = m["cores"]
@@ -232,6 +289,10 @@ def print_report(document: dict[str, Any], out: Console | None = None) -> None:
     for threads in sorted({r["threads"] for r in document["results"]}):
         out.print(_case_table(document, threads))
     out.print(_summary_table(document))
+    if document.get("scaling"):
+        out.print(_scaling_table(document))
+        for line in scaling_lines(document):
+            out.print(line)
     notes = list(document["notes"])
     mismatched = sorted({f"{s['backend']} at {s['threads']}" for s in document["summary"] if s["blas_threads_mismatch"]})
     if mismatched:

@@ -10,6 +10,14 @@ at most ``RTOL`` of the output's scale); then tconv and the peers are timed
 side by side, one sample of each per round, so that a change of load on a
 shared machine hits them alike. A backend that fails the check is reported
 and not timed.
+
+Thread scaling is measured apart, after the cases (:func:`scaling_plan`):
+the outer loop over thread counts puts a backend's 1-thread and 2-thread
+timings of a case minutes apart, and on a shared machine the load changes in
+between, so their ratio says more about the load than about the backend.
+For the large cases (``layers.SCALING_CASES``) each backend is timed at the
+lowest and the highest thread count side by side, on the same arrays, one
+sample of each per round.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,10 +37,14 @@ import tconv
 from . import layers, machine, peers, subject, summary
 from .timing import MIB, measure_interleaved, measure_memory
 
-__all__ = ["Options", "RTOL", "choose_backends", "run_suite", "max_rel_error"]
+__all__ = ["Options", "RTOL", "SCALING_MIN_ROUNDS", "choose_backends", "scaling_plan", "run_suite", "max_rel_error"]
 
 #: float32 agreement with the reference, relative to the output's largest magnitude.
 RTOL = 1e-4
+
+#: Fewest rounds of the thread-scaling measurement, whatever ``repeat`` says:
+#: its paired ratios are noisier than a median of times.
+SCALING_MIN_ROUNDS = 7
 
 #: SPEC's first worked example: the seed case's exact output.
 SEED_EXPECTED = np.array(
@@ -51,6 +64,7 @@ class Options:
     split: bool = False
     memory: bool = True
     gemm_size: int = 2048
+    scaling: bool = True
 
 
 def max_rel_error(got: Any, want: Any) -> float:
@@ -102,6 +116,29 @@ def choose_backends(requested: list[str] | None) -> tuple[dict[str, str], list[s
         chosen["numpy"] = "seed"
         notes.append("numpy reference backend run on the seed case only (name it in --backends for more)")
     return chosen, notes
+
+
+def scaling_plan(options: Options, backends: dict[str, str]) -> list[tuple[str, layers.Case]]:
+    """The ``(backend, case)`` pairs the thread-scaling measurement times, in order.
+
+    Parameters
+    ----------
+    options : Options
+        Nothing is planned with ``scaling`` off or fewer than two distinct
+        ``threads``; the cases are those of ``layers.SCALING_CASES`` that
+        ``layers`` and ``quick`` select.
+    backends : dict of str -> str
+        The run's backends (:func:`choose_backends`); the ``numpy`` reference
+        is left out (it has no threads to scale).
+
+    Returns
+    -------
+    list of (str, Case)
+    """
+    if not options.scaling or len(set(options.threads)) < 2:
+        return []
+    cases = [c for c in layers.select(options.layers, options.quick) if c.name in layers.SCALING_CASES]
+    return [(name, case) for case in cases for name in backends if name != "numpy"]
 
 
 def _arrays(case: layers.Case) -> dict[str, np.ndarray]:
@@ -186,7 +223,8 @@ def run_suite(options: Options, step: Callable[[str], None] | None = None) -> di
     dict
         ``machine`` (with ``gemm_peak`` per thread count), ``peers``,
         ``backends``, ``default_backend``, ``notes``, ``results`` (one per
-        case and thread count) and ``summary``.
+        case and thread count), ``summary``, ``scaling`` (one per backend and
+        case of :func:`scaling_plan`) and ``scaling_summary``.
     """
     step = step or (lambda description: None)
     cases = layers.select(options.layers, options.quick)
@@ -210,6 +248,7 @@ def run_suite(options: Options, step: Callable[[str], None] | None = None) -> di
         "default_backend": tconv.get_backend(),
         "notes": notes,
         "results": [],
+        "scaling": [],
     }
     document["machine"]["gemm_peak"] = {}
     # other work on the machine (the 1-minute figure first) skews multi-thread timings most
@@ -231,10 +270,21 @@ def run_suite(options: Options, step: Callable[[str], None] | None = None) -> di
             for record in block:
                 _add_peak_fraction(record, peak)
             document["results"] += block
+        low, high = min(options.threads), max(options.threads)
+        rounds = max(options.repeat, SCALING_MIN_ROUNDS)
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        for name, case in scaling_plan(options, backends):
+            step(f"scaling: {name} {case.name}, {low} vs {high} threads")
+            if case.name not in arrays:
+                arrays = {case.name: _arrays(case)}  # one case's arrays alive at a time
+            document["scaling"].append(
+                _run_scaling(name, case, arrays[case.name], (low, high), rounds, document["results"])
+            )
     finally:
         tconv.set_num_threads(saved_threads)
     document["machine"]["load_average"]["end"] = list(os.getloadavg())
     document["summary"] = summary.summarize(document)
+    document["scaling_summary"] = summary.summarize_scaling(document)
     document["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return document
 
@@ -302,11 +352,54 @@ def _run_case(case, threads, backends, available_peers, options) -> dict[str, An
         target["median_s"] = timing.median
         target["gflops"] = case.flops / timing.median / 1e9
         if options.memory:
-            # tracemalloc cannot see the peers' allocators: resident memory only for them
-            target["memory"] = measure_memory(runners[kind, name], traced=kind == "tconv").as_dict()
+            # tracemalloc cannot see the peers' allocators: resident memory only for them.
+            # The compiled backends keep their work buffers between calls: dropped before
+            # each measure, so that the measured call allocates them and they count.
+            release = tconv.registry.resolve_backend(name).release_workspace if kind == "tconv" else None
+            target["memory"] = measure_memory(runners[kind, name], traced=kind == "tconv",
+                                              release=release).as_dict()
 
     peer_times = {name: r["median_s"] for name, r in peer_records.items() if "median_s" in r}
     for result in record["tconv"].values():
         if "median_s" in result:
             result["speedup"] = _speedups(result["median_s"], peer_times)
+    return record
+
+
+def _run_scaling(name, case, arrays, threads, rounds, results) -> dict[str, Any]:
+    """One backend's thread scaling on one case: both thread counts timed in the same rounds.
+
+    Each call sets its thread count itself, so the two can alternate. A
+    backend that was not timed in the suite at either count (it failed, or
+    its result was wrong) is recorded as skipped.
+    """
+    low, high = threads
+    record: dict[str, Any] = {
+        "backend": name, "case": case.name, "shape": case.layer.describe(), "flops": case.flops,
+        "threads": [low, high],
+    }
+    for r in results:
+        if r["case"] == case.name and r["threads"] in threads and "median_s" not in r["tconv"].get(name, {}):
+            record["skipped"] = f"not timed in the suite at {r['threads']} thread(s)"
+            return record
+    run = subject.runner(name, case, arrays)
+
+    def at(n: int) -> Callable[[], Any]:
+        def call():
+            tconv.set_num_threads(n)
+            return run()
+        return call
+
+    # rounds are kept whatever a call lasts: the paired ratios need them
+    timings = measure_interleaved({low: at(low), high: at(high)}, rounds, slow_repeat=rounds)
+    slow, fast = timings[low], timings[high]
+    ratios = [a / b for a, b in zip(slow.samples, fast.samples)]
+    record.update(
+        rounds=len(ratios),
+        median_s=[slow.median, fast.median],
+        speedup=slow.median / fast.median,
+        paired_speedup=statistics.median(ratios),
+        paired_ratios=ratios,
+        timing=[slow.as_dict(), fast.as_dict()],
+    )
     return record

@@ -8,6 +8,12 @@
 
 The targets bind tconv's default backend; the others are summarised the same
 way for comparison.
+
+Apart from these, the thread scaling of the large shapes (``SCALING_CASES``):
+the OpenMP backend at 2 threads at least 1.7x as fast as at 1 thread, on
+this 2-core machine, judged on the side-by-side measurement of
+:func:`bench.suite.scaling_plan` (the per-thread-count tables are taken
+minutes apart, too far for a ratio).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from .layers import DCGAN_PEAK, SEED
 
-__all__ = ["TARGETS", "summarize", "geomean"]
+__all__ = ["TARGETS", "SCALING_TARGET", "summarize", "summarize_scaling", "geomean"]
 
 TARGETS = {
     "geomean_speedup": 1.0,
@@ -26,6 +32,10 @@ TARGETS = {
     "seed_time_over_torch": 2.0,
     "extra_mib": 64.0,
 }
+
+#: The thread-scaling target: ``backend`` at ``threads[1]`` threads at least
+#: ``speedup`` times as fast as at ``threads[0]``, on every large shape.
+SCALING_TARGET = {"backend": "openmp", "threads": (1, 2), "speedup": 1.7}
 
 
 def geomean(values: list[float]) -> float | None:
@@ -123,3 +133,36 @@ def summarize(document: dict[str, Any]) -> list[dict[str, Any]]:
                 one["default"] = backend == default
                 summaries.append(one)
     return summaries
+
+
+def summarize_scaling(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per backend, the thread-scaling speedups of the large shapes and their verdict.
+
+    Parameters
+    ----------
+    document : dict
+        A benchmark document with its ``scaling`` records.
+
+    Returns
+    -------
+    list of dict
+        One per backend with a timed scaling record: ``backend``,
+        ``threads`` (low, high), ``speedups`` per case (median over median),
+        ``min_speedup``, ``geomean_speedup`` and ``meets`` - True or False
+        for the target's backend when the thread counts are the target's,
+        else None.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in document.get("scaling", []):
+        if "speedup" not in r:
+            continue
+        one = out.setdefault(r["backend"], {"backend": r["backend"], "threads": r["threads"], "speedups": {}})
+        one["speedups"][r["case"]] = r["speedup"]
+    for one in out.values():
+        values = list(one["speedups"].values())
+        one["min_speedup"] = min(values)
+        one["geomean_speedup"] = geomean(values)
+        judged = one["backend"] == SCALING_TARGET["backend"] and tuple(one["threads"]) == SCALING_TARGET["threads"]
+        one["target"] = SCALING_TARGET["speedup"] if judged else None
+        one["meets"] = one["min_speedup"] >= SCALING_TARGET["speedup"] if judged else None
+    return list(out.values())

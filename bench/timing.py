@@ -249,7 +249,8 @@ def _traced_extra(fn: Callable[[], Any]) -> int:
     return max(0, extra)
 
 
-def measure_memory(fn: Callable[[], Any], *, traced: bool = True) -> Memory:
+def measure_memory(fn: Callable[[], Any], *, traced: bool = True,
+                   release: Callable[[], None] | None = None) -> Memory:
     """Extra memory of one call of ``fn`` beyond its (pre-allocated) inputs and its result.
 
     Parameters
@@ -260,11 +261,17 @@ def measure_memory(fn: Callable[[], Any], *, traced: bool = True) -> Memory:
     traced : bool
         Also measure with :mod:`tracemalloc` (meaningless for a peer whose
         allocator it cannot see).
+    release : callable, optional
+        Called before each measure: drops buffers ``fn`` keeps from call to
+        call, so that the measured call allocates them and they are counted.
     """
+    release = release or (lambda: None)
     memory = Memory()
+    release()
     memory.rss, note = _rss_extra(fn)
     if note:
         memory.notes.append(note)
     if traced:
+        release()
         memory.traced = _traced_extra(fn)
     return memory
