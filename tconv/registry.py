@@ -88,6 +88,11 @@ class _Entry:
 
 _lock = threading.Lock()
 _entries: dict[str, _Entry] | None = None
+#: name -> backend for the names ``_checked`` has passed since the entries last
+#: changed: a call's backend is then one dict lookup. Replaced (never cleared in
+#: place) whenever the entries change, so a check racing with the change can only
+#: fill a map no longer in use.
+_ready: dict[str, Backend] = {}
 _process_choice: str | None = None
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "tconv_backend", default=None
@@ -134,10 +139,11 @@ def _registry() -> dict[str, _Entry]:
 
 def reload_backends() -> None:
     """Forget what was discovered; the next call scans the entry points again."""
-    global _entries, _default_cache
+    global _entries, _default_cache, _ready
     with _lock:
         _entries = None
         _default_cache = None
+        _ready = {}
 
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
@@ -145,11 +151,12 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
 
     Installed plugins should use the ``tconv.backends`` entry-point group instead.
     """
-    global _default_cache
+    global _default_cache, _ready
     entries = _registry()
     with _lock:
         entries[name or backend.name] = _Entry(name or backend.name, backend)
         _default_cache = None
+        _ready = {}
 
 
 def list_backends() -> list[BackendInfo]:
@@ -184,15 +191,49 @@ def _checked(name: str, source: str) -> Backend:
     )
 
 
-_default_cache: tuple[str, str] | None = None  # (TCONV_BACKEND as read, name chosen)
+# --------------------------------------------------------------------------- #
+# environment variables, read on every call
+# --------------------------------------------------------------------------- #
+# ``os.environ.get`` encodes the key and decodes the value: about a microsecond,
+# which a tiny convolution notices. What the variables decide is cached against
+# their raw value (the token), read straight from ``os.environ``'s own store,
+# which every change made through ``os.environ`` updates: the same view of the
+# environment as ``os.environ.get`` (neither sees a bare ``os.putenv``). On a miss, the value is decoded from that
+# same token, so a cached decision always belongs to its token.
+_ENVIRON = os.environ
+try:
+    _ENV_STORE = os.environ._data  # type: ignore[attr-defined]
+    _ENV_KEYS = {name: os.environ.encodekey(name)  # type: ignore[attr-defined]
+                 for name in ("TCONV_BACKEND", "TCONV_NUM_THREADS")}
+    _ENV_DECODE = os.environ.decodevalue  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - an unusual os.environ
+    _ENV_STORE = None
+
+
+def _env_token(name: str):
+    """A cheap stand-in for ``os.environ.get(name)``: equal tokens, equal values."""
+    if _ENV_STORE is not None and os.environ is _ENVIRON:
+        return _ENV_STORE.get(_ENV_KEYS[name])
+    return ("str", os.environ.get(name))  # os.environ was replaced (e.g. by a test): read it plainly
+
+
+def _env_value(token) -> str:
+    """``os.environ.get(name, "")`` for the value the token stands for."""
+    if type(token) is tuple:
+        return token[1] or ""
+    return "" if token is None else _ENV_DECODE(token)
+
+
+_default_cache: tuple | None = None  # (TCONV_BACKEND's token, name chosen)
 
 
 def _default_name() -> str:
     global _default_cache
-    env = os.environ.get("TCONV_BACKEND", "").strip()
+    token = _env_token("TCONV_BACKEND")
     cached = _default_cache
-    if cached is not None and cached[0] == env:
+    if cached is not None and cached[0] == token:
         return cached[1]
+    env = _env_value(token).strip()
     if env:
         _checked(env, "TCONV_BACKEND")
         chosen = env
@@ -206,7 +247,7 @@ def _default_name() -> str:
         if not ranked:
             raise BackendError("no backend can run here; see tconv.list_backends()")
         chosen = max(ranked)[1]
-    _default_cache = (env, chosen)
+    _default_cache = (token, chosen)
     return chosen
 
 
@@ -254,20 +295,34 @@ def use_backend(name: str) -> Iterator[str]:
 
 def resolve_backend(name: str | None = None) -> Backend:
     """The backend object a call runs on: ``name`` if given, else the one in force."""
-    if name is not None:
-        return _checked(name, "backend=")
-    chosen = get_backend()
-    return _checked(chosen, "the backend in force")
+    ready = _ready  # taken before any check, see ``_ready``
+    if name is None:
+        chosen = _scoped_choice.get()
+        if chosen is None:
+            chosen = _process_choice
+            if chosen is None:
+                chosen = _default_name()
+        source = "the backend in force"
+    else:
+        chosen, source = name, "backend="
+    if type(chosen) is str:
+        backend = ready.get(chosen)
+        if backend is not None:
+            return backend
+    backend = _checked(chosen, source)
+    ready[chosen] = backend
+    return backend
 
 
 # --------------------------------------------------------------------------- #
 # thread budget
 # --------------------------------------------------------------------------- #
 _num_threads: int | None = None
+_env_threads_cache: tuple | None = None  # (TCONV_NUM_THREADS's token, its value)
 
 
-def _env_threads() -> int | None:
-    raw = os.environ.get("TCONV_NUM_THREADS", "").strip()
+def _env_threads(token) -> int | None:
+    raw = _env_value(token).strip()
     if not raw:
         return None
     try:
@@ -284,7 +339,14 @@ def get_num_threads() -> int:
     ``TCONV_NUM_THREADS``, else the cores this process may run on."""
     if _num_threads is not None:
         return _num_threads
-    env = _env_threads()
+    global _env_threads_cache
+    token = _env_token("TCONV_NUM_THREADS")
+    cached = _env_threads_cache
+    if cached is not None and cached[0] == token:
+        env = cached[1]
+    else:
+        env = _env_threads(token)  # raises on a bad value, every time: never cached
+        _env_threads_cache = (token, env)
     if env is not None:
         return env
     try:
