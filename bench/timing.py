@@ -1,8 +1,8 @@
 """How one call is measured: its time (median of repeats) and its extra memory.
 
 Time
-    One warm-up call (it also sizes the samples), then ``repeat`` samples,
-    taken in rounds when several calls are compared;
+    Warm-up calls (the fastest of three sizes the samples), then ``repeat``
+    samples, taken in rounds when several calls are compared;
     a sample runs the call ``number`` times back to back, with ``number``
     chosen so a sample lasts at least ``min_sample_s`` (a microsecond call
     is not timed one at a time: the clock's own cost would dominate). The
@@ -130,11 +130,16 @@ def measure_interleaved(
             start = time.perf_counter()
             fn()
             warmups[name] = single = time.perf_counter() - start
-            if single < min_sample_s:
-                # a fast call is sized on a second run: the first may pay one-time costs
-                start = time.perf_counter()
-                fn()
-                single = max(time.perf_counter() - start, 1e-9)
+            if single < slow_call_s:
+                # A call is sized on the fastest of three runs: the first ones may pay
+                # one-time costs, or a thread pool waking from sleep (on a virtual
+                # machine an idle vCPU can take ~10 ms to wake), which would make a
+                # 2 ms call look like a 12 ms one and leave it un-repeated in a sample.
+                for _ in range(2):
+                    start = time.perf_counter()
+                    fn()
+                    single = min(single, time.perf_counter() - start)
+            single = max(single, 1e-9)
             numbers[name] = max(1, math.ceil(min_sample_s / single))
             slowest = max(slowest, single)
         if slowest > slow_call_s:
