@@ -21,7 +21,7 @@ import threading
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, scatter_route
+from tconv._blas_backend import BlasBackend, covers_exactly, scatter_route
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image
 from tconv.registry import get_num_threads
@@ -44,6 +44,8 @@ _CORE = BlasBackend()
 #: count (BLAS threads their GEMMs): a one-cell grid (a generator's first
 #: layer) is one GEMM with no col2im at all; wide kernels (FCN upsampling)
 #: add whole kernel rows, where this backend's col2im walks short strided runs.
+#: (So does a single sample whose taps cover the image once, U-Net's k2 s2:
+#: one wide GEMM threaded by BLAS, then a plain write, see ``scatter``.)
 _CORE_ROUTES = ("single-cell", "patches")
 
 
@@ -136,7 +138,8 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if self._on_core(n * g * p * q * taps * cells) or scatter_route(geom, p) in _CORE_ROUTES:
+        if (self._on_core(n * g * p * q * taps * cells) or scatter_route(geom, p) in _CORE_ROUTES
+                or (n == 1 and covers_exactly(geom))):
             return _CORE.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
