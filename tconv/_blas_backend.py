@@ -243,7 +243,7 @@ class BlasBackend(Backend):
             return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
         if route == "patches":
             cells, q_block = patch_plan(geom, q, grid_in.itemsize)
-            _check_blas_ints(q * math.prod(geom.kernel), c_in)
+            _check_blas_ints(q * math.prod(geom.kernel), c_in, math.prod(geom.grid))
             out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
             _threads.set_blas_threads(get_num_threads())
             _blas_core.scatter_patches(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom),
