@@ -46,6 +46,13 @@ RTOL = 1e-4
 #: its paired ratios are noisier than a median of times.
 SCALING_MIN_ROUNDS = 7
 
+#: A thread-scaling sample repeats its call for at least this long. Each
+#: sample starts after the process went quiet, so the first parallel region
+#: wakes a sleeping core: on a VM that costs up to ~10 ms, a third of a 30 ms
+#: call if it were timed alone. Several calls back to back measure what a
+#: layer called in a loop sees, with the wake-up spread over them.
+SCALING_MIN_SAMPLE_S = 0.1
+
 #: SPEC's first worked example: the seed case's exact output.
 SEED_EXPECTED = np.array(
     [[1, 4, 7, 6], [5, 16, 22, 14], [9, 22, 16, 6], [9, 18, 11, 4]], dtype=np.float32
@@ -391,7 +398,8 @@ def _run_scaling(name, case, arrays, threads, rounds, results) -> dict[str, Any]
         return call
 
     # rounds are kept whatever a call lasts: the paired ratios need them
-    timings = measure_interleaved({low: at(low), high: at(high)}, rounds, slow_repeat=rounds)
+    timings = measure_interleaved({low: at(low), high: at(high)}, rounds, slow_repeat=rounds,
+                                  min_sample_s=SCALING_MIN_SAMPLE_S)
     slow, fast = timings[low], timings[high]
     ratios = [a / b for a, b in zip(slow.samples, fast.samples)]
     record.update(
