@@ -94,7 +94,7 @@ def measure_interleaved(
     fns: dict[str, Callable[[], Any]],
     repeat: int = 7,
     *,
-    min_sample_s: float = 0.01,
+    min_sample_s: float = 0.05,
     slow_call_s: float = 1.0,
     slow_repeat: int = 3,
 ) -> dict[str, Timing]:
@@ -114,7 +114,11 @@ def measure_interleaved(
     repeat : int
         Samples per call (the median is reported).
     min_sample_s : float
-        A sample lasts at least this long (``number`` calls per sample).
+        A sample lasts at least this long (``number`` calls per sample): back
+        to back, as a layer called in a loop runs. Each sample starts after
+        the process went quiet, so its first call wakes the library's thread
+        pool (on this project's VM, up to ~10 ms for an idle vCPU); 50 ms of
+        calls spread that over several of them, for every library alike.
     slow_call_s, slow_repeat : float, int
         When a call is slower than ``slow_call_s``, at most ``slow_repeat``
         rounds are run, so a slow reference does not stall the run.

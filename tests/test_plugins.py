@@ -389,3 +389,25 @@ def test_openmp_source_imports_without_its_compiled_kernels():
     """)
     line = _run(code, extra_path=[ROOT / "backends" / "openmp"])
     assert line.startswith("(False,") and "reinstall tconv-openmp" in line
+
+
+@pytest.mark.parametrize("path", ["folded", "column_tiles", "channel_blocks"])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_openmp_non_overlapping_taps_agree_with_numpy(openmp, monkeypatch, restore_threads, path, padding,
+                                                       ndim, assert_close):
+    """Stride = kernel (U-Net's k2 s2): col2im writes bias + term, with no fill first."""
+    from tconv_openmp import _plan
+
+    for attr, value in _plan_path(path, ndim).items():
+        monkeypatch.setattr(_plan, attr, value)
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(2)
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim)
+    w = rng.standard_normal((C_IN, C_OUT // G) + (2,) * ndim)
+    b = rng.standard_normal(C_OUT)
+    kwargs = dict(stride=2, padding=padding, output_padding=padding, groups=G)
+    conv = getattr(tconv, f"conv_transpose{ndim}d")
+    assert_close(conv(x, w, b, **kwargs, backend="openmp"), conv(x, w, b, **kwargs, backend="numpy"))
+    assert_close(conv(x, w, None, **kwargs, backend="openmp"), conv(x, w, None, **kwargs, backend="numpy"))

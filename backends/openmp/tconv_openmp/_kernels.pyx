@@ -293,12 +293,15 @@ cdef void col2im_line(const floating* cols, Py_ssize_t ld, Py_ssize_t col_begin,
 @cython.cdivision(True)
 cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile* tile,
                           floating* out, Py_ssize_t sample_stride, const Sizes* s,
-                          const Tables* t) noexcept nogil:
+                          const Tables* t, bint cover, const floating* bias) noexcept nogil:
     """Add a tile's columns into the image: the scatter form, for a task owning its outputs.
 
     ``cols[(c * K + tap) * width + j]`` is channel c's term at tap ``tap`` of
     tile column j; ``out`` points at channel 0 of the tile's first sample.
     Each element's terms are added in a fixed order: channel, tap, cell.
+    ``cover``: every image cell gets exactly one term (see the core's
+    ``covers_exactly``), so it is written, ``bias[c]`` (or 0) plus the term,
+    into an image that was not filled first.
     """
     cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
     cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
@@ -307,7 +310,9 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
     cdef const floating* src
     cdef floating* dst
     cdef floating* line
+    cdef floating value
     for c in range(channels):
+        value = bias[c] if bias != NULL else 0
         for k in range(K):
             k0 = k // (K1 * K2)
             k1 = (k // K2) % K1
@@ -332,8 +337,12 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                         line = dst + (i0 * I1 + i1) * I2
                         lo = a2 if a2 > t.first_w[k2] else t.first_w[k2]
                         hi = a2 + run - 1 if a2 + run - 1 < t.last_w[k2] else t.last_w[k2]
-                        for u in range(lo, hi + 1):
-                            line[u * sw + offset] += src[j + u - a2]
+                        if cover:
+                            for u in range(lo, hi + 1):
+                                line[u * sw + offset] = src[j + u - a2] + value
+                        else:
+                            for u in range(lo, hi + 1):
+                                line[u * sw + offset] += src[j + u - a2]
                     cell += run
                     j += run
                     a2 = 0  # the next line starts at its first cell
@@ -575,7 +584,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                    tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w,
                    Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
                    Py_ssize_t block, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
-                   bint interleaved, int threads):
+                   bint interleaved, bint exact_cover, int threads):
     """col2im with tasks that own their outputs: (group, samples, block of channels).
 
     Each task walks its column tiles in order: one GEMM into its own buffer
@@ -585,6 +594,8 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
     ``work`` holds ``threads`` buffers of ``per_thread`` elements.
     ``interleaved`` (folded tasks): columns sample-minor, summed in an
     accumulator after the packed operand, stored once at the end.
+    ``exact_cover`` (not with ``interleaved``): taps cover the image once, so
+    col2im writes bias + term and the outputs are not filled first.
     """
     cdef Sizes s = make_sizes(image, grid, kernel, stride_w)
     cdef Tables t = make_tables(tables)
@@ -629,8 +640,8 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                 store_interleaved(acc, nq * I, samples, y + ((first * groups + gi) * q + q0) * I,
                                   groups * q * I)
                 continue
-            # the task's outputs start at bias (or zero)
-            for i in range(samples):
+            # the task's outputs start at bias (or zero), unless col2im writes them all
+            for i in range(samples if not exact_cover else 0):
                 for c in range(nq):
                     value = bias[gi * q + q0 + c] if has_bias else zero
                     dst = y + (((first + i) * groups + gi) * q + q0 + c) * I
@@ -655,7 +666,8 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                 gemm(c'N', c'T', tl.width, nq * K, p, operand, lda,
                      w + gi * p * q * K + q0 * K, q * K, zero, buf, tl.width)
                 col2im_add_tile(buf, nq, &tl, y + ((tl.sample * groups + gi) * q + q0) * I,
-                                groups * q * I, &s, &t)
+                                groups * q * I, &s, &t, exact_cover,
+                                &bias[gi * q + q0] if has_bias and exact_cover else NULL)
 
 
 @cython.boundscheck(False)

@@ -155,7 +155,8 @@ class OpenMPBackend(Backend):
             kernels.scatter_direct(
                 _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
                 geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
-                plan.block, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved, threads,
+                plan.block, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved,
+                covers_exactly(geom) and not plan.interleaved, threads,
             )
             return out
         _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
