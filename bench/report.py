@@ -232,7 +232,8 @@ def _scaling_table(document: dict[str, Any]) -> Table:
     table.add_column(f"{_threads_label(low)}", justify="right")
     table.add_column(f"{_threads_label(high)}", justify="right")
     table.add_column("speedup", justify="right")
-    for r in document["scaling"]:
+    order = list(dict.fromkeys(r["backend"] for r in document["scaling"]))
+    for r in sorted(document["scaling"], key=lambda r: order.index(r["backend"])):  # by backend, cases in order
         if "speedup" not in r:
             table.add_row(r["backend"], r["case"], f"[dim]{escape(r['skipped'])}[/]", "", "")
             continue
