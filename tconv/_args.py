@@ -161,17 +161,26 @@ def prepare(
 ) -> Prepared:
     """Validate one call and normalise it for a backend (see module docstring)."""
     engine = resolve_backend(backend)
-    arrays = (x, weight, bias, grad_output)
     key = None
-    if all(a is None or type(a) is np.ndarray or engine.is_native(a) for a in arrays) and _plain(
-        (stride, padding, output_padding, groups, dilation, output_size)
-    ):
-        key = (transposed, ndim, backward, engine.name,
-               *((None,) if a is None else (type(a), a.shape, a.dtype) for a in arrays),
-               stride, padding, output_padding, groups, dilation, output_size)
-        plan = _PLAN_CACHE.get(key)
-        if plan is not None:
-            return _bind(plan, engine, *arrays)
+    # (spelt out, not with generators: this is the cost of every cached call)
+    if ((type(stride) is int or _plain(stride)) and (type(padding) is int or _plain(padding))
+            and (type(output_padding) is int or _plain(output_padding))
+            and (type(groups) is int or _plain(groups)) and (type(dilation) is int or _plain(dilation))
+            and (output_size is None or _plain(output_size))):
+        parts = []
+        for a in (x, weight, bias, grad_output):
+            if a is None:
+                parts.append(None)
+            elif type(a) is np.ndarray or engine.is_native(a):
+                parts.append((type(a), a.shape, a.dtype))
+            else:
+                break
+        else:
+            key = (transposed, ndim, backward, engine.name, *parts,
+                   stride, padding, output_padding, groups, dilation, output_size)
+            plan = _PLAN_CACHE.get(key)
+            if plan is not None:
+                return _bind(plan, engine, x, weight, bias, grad_output)
 
     fname = ("conv_transpose" if transposed else "conv") + f"{ndim}d" + ("_backward" if backward else "")
     x = _as_array(x, "x", fname, engine)

@@ -7,12 +7,14 @@ only applied when it differs from the one already in force.
 
 from __future__ import annotations
 
+import importlib
 import threading
+
+from threadpoolctl import ThreadpoolController
 
 # Load SciPy's BLAS (the one the compiled core calls) before threadpoolctl
 # scans the process: a library loaded after the scan is never controlled.
-import scipy.linalg.cython_blas  # noqa: F401
-from threadpoolctl import ThreadpoolController
+importlib.import_module("scipy.linalg.cython_blas")
 
 _controller: ThreadpoolController | None = None
 _lock = threading.Lock()

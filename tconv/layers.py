@@ -81,12 +81,14 @@ class _ConvNd:
     def __call__(self, x: Any, output_size: Sequence[int] | None = None, *, backend: str | None = None):
         """Forward pass; ``output_size`` as PyTorch's (transposed layers only)."""
         weight, bias = self.weight, self.bias
-        if self.transposed:
-            out = self._forward(x, weight, bias, **self._hyper(), output_size=output_size, backend=backend)
-        else:
-            if output_size is not None:
-                raise TypeError(f"{type(self).__name__}: output_size applies to transposed convolutions only")
-            out = self._forward(x, weight, bias, **self._hyper(), backend=backend)
+        transposed = self.transposed
+        if not transposed and output_size is not None:
+            raise TypeError(f"{type(self).__name__}: output_size applies to transposed convolutions only")
+        # What ``self._forward`` (``F.conv_transpose{n}d`` / ``F.conv{n}d``) does with
+        # ``**self._hyper()``, without building and unpacking that dict on every call.
+        out = F._forward(transposed, self.ndim, x, weight, bias, self.stride, self.padding,
+                         self.output_padding if transposed else 0, self.groups, self.dilation,
+                         output_size, backend)
         # Keep what backward needs; the weight as it was, should the user replace it.
         self._last_call = (x, weight, bias is not None, output_size, backend)
         return out

@@ -135,11 +135,14 @@ class OpenMPBackend(Backend):
 
     def scatter(self, grid_in, weight, bias, geom):
         n, c_in = grid_in.shape[:2]
+        cells = math.prod(geom.grid)
+        # (weight.size * cells * n: the multiply-adds, checked first: small calls are the hot path)
+        if self._on_core(n * weight.size * cells):
+            return _CORE.scatter(grid_in, weight, bias, geom)
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
-        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if (self._on_core(n * g * p * q * taps * cells) or scatter_route(geom, p) in _CORE_ROUTES
-                or (n == 1 and covers_exactly(geom))):
+        taps = math.prod(geom.kernel)
+        if scatter_route(geom, p) in _CORE_ROUTES or (n == 1 and covers_exactly(geom)):
             return _CORE.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
@@ -173,11 +176,12 @@ class OpenMPBackend(Backend):
 
     def gather(self, image_in, weight, bias, geom):
         n, c_in = image_in.shape[:2]
+        cells = math.prod(geom.grid)
+        if self._on_core(n * weight.size * cells):  # the multiply-adds
+            return _CORE.gather(image_in, weight, bias, geom)
         g = geom.groups
         p, q = c_in // g, weight.shape[0] // g
-        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
-        if self._on_core(n * g * p * q * taps * cells):
-            return _CORE.gather(image_in, weight, bias, geom)
+        taps = math.prod(geom.kernel)
         kernels = _kernels()
         if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
             return _EXACT.gather(image_in, weight, bias, geom)
