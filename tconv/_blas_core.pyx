@@ -730,6 +730,74 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef void tile_columns(const Geom* g, const floating* image, Py_ssize_t c_img, Py_ssize_t P, const Tile* t,
+                       const Row* rows, Py_ssize_t n_rows, bint interleaved, floating* image_tile,
+                       floating* cols) noexcept nogil:
+    """im2col of one tile of one group: ``cols`` (P*K rows of t.cols columns) from
+    ``image`` (the group's first channel of sample 0), sample-minor when ``interleaved``
+    (the tile's image is first packed into ``image_tile``)."""
+    if interleaved:
+        pack_interleaved(image, c_img * g.image_cells, P, g.image_cells, image_tile, g.image_cells * t.nt, t)
+        im2col_gather_interleaved(g, image_tile, P * g.taps, cols, t.cols, t.nt)
+    else:
+        im2col_gather(g, image, c_img * g.image_cells, g.image_cells, P * g.taps, cols, t.cols, t, rows, n_rows)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld_cols, const floating* w_g,
+                              Py_ssize_t PK, Py_ssize_t Q, const Tile* t, bint folded, bint interleaved,
+                              floating* result, floating* y_g, Py_ssize_t c_out,
+                              const floating* bias_g, bint has_bias) noexcept nogil:
+    """``out_tile (Q, T) = W_g (Q, P*K) @ cols (P*K, T)`` into ``y_g`` (the group's first
+    output channel of sample 0), through ``result`` where the tile is folded.
+
+    ``y_g`` already holds the bias unless ``interleaved`` (which adds it itself).
+    """
+    cdef Py_ssize_t L = g.grid_cells
+    cdef floating one = 1, zero = 0
+    # Column-major: cols (P*K x T, row-major, row stride ld_cols) is col-major (T x P*K);
+    # W_g (Q x P*K, row-major) is col-major (P*K x Q). C = out^T, col-major (T x Q) =
+    # row-major (Q x T), written in place (ld L) or into `result` (ld T).
+    if interleaved:  # columns sample-minor: into `result`, then transposed out
+        fill_channels(result, Q, t.cols, bias_g, has_bias)
+        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, one, result, t.cols)
+        store_interleaved(result, Q, L, y_g + t.n0 * c_out * L, c_out * L, t.nt)
+    elif folded:
+        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, zero, result, t.cols)
+        unpack_add_tile(result, Q, y_g, c_out * L, L, t)
+    else:
+        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, one, y_g + t.n0 * c_out * L + t.l0, L)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const floating* dy_g,
+                                   Py_ssize_t c_grid, Py_ssize_t PK, Py_ssize_t Q, const Tile* t,
+                                   bint folded, bint interleaved, floating* packed,
+                                   floating* gw_g) noexcept nogil:
+    """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``; ``dy_g`` is the group's first
+    grid channel of sample 0, packed into ``packed`` in the columns' order where folded."""
+    cdef Py_ssize_t L = g.grid_cells
+    cdef const floating* operand
+    cdef Py_ssize_t ld_operand
+    cdef floating one = 1
+    if interleaved:
+        pack_interleaved(dy_g, c_grid * L, Q, L, packed, t.cols, t)
+        operand, ld_operand = packed, t.cols
+    elif folded:
+        pack_tile(dy_g, c_grid * L, Q, L, packed, t)
+        operand, ld_operand = packed, t.cols
+    else:
+        operand, ld_operand = dy_g + t.n0 * c_grid * L + t.l0, L
+    # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major) is
+    # col-major (T x P*K), transposed -> (P*K x T); dY_tile (Q x T, row stride
+    # ld_operand) is col-major (T x Q).
+    gemm(c'T', c'N', PK, Q, t.cols, one, cols, t.cols, operand, ld_operand, one, gw_g, PK)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, ::1] weight,
            const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
@@ -761,7 +829,6 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef floating one = 1, zero = 0
 
     with nogil:
         if not interleaved:  # interleaved tiles store every output element themselves
@@ -776,16 +843,6 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
-                if interleaved:
-                    pack_interleaved(x + gi * P * g.image_cells, c_in * g.image_cells, P, g.image_cells,
-                                     image_tile, g.image_cells * t.nt, &t)
-                    im2col_gather_interleaved(&g, image_tile, P * K, cols, t.cols, t.nt)
-                    fill_channels(result, Q, t.cols, bias_ptr + gi * Q if has_bias else NULL, has_bias)
-                    # as below, into `result` (columns sample-minor), then transposed out
-                    gemm(c'N', c'N', t.cols, Q, P * K, one, cols, t.cols,
-                         w + gi * Q * P * K, P * K, one, result, t.cols)
-                    store_interleaved(result, Q, L, y + t.n0 * c_out * L + gi * Q * L, c_out * L, t.nt)
-                    continue
                 if identity_map and not folded:
                     operand, ld_operand = x + t.n0 * c_in * L + gi * P * L + t.l0, L
                 elif identity_map:
@@ -793,20 +850,12 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
                     pack_tile(x + gi * P * L, c_in * L, P, L, cols, &t)
                     operand, ld_operand = cols, t.cols
                 else:
-                    im2col_gather(&g, x + gi * P * g.image_cells, c_in * g.image_cells,
-                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
+                    tile_columns(&g, x + gi * P * g.image_cells, c_in, P, &t, ws.rows, n_rows, interleaved,
+                                 image_tile, cols)
                     operand, ld_operand = cols, t.cols
-                # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); W_g
-                # (Q x P*K, row-major) is col-major (P*K x Q). C = out^T, col-major
-                # (T x Q) = row-major (Q x T), written in place (ld L) or into `result`.
-                if not folded:
-                    gemm(c'N', c'N', t.cols, Q, P * K, one, operand, ld_operand,
-                         w + gi * Q * P * K, P * K, one,
-                         y + t.n0 * c_out * L + gi * Q * L + t.l0, L)
-                else:
-                    gemm(c'N', c'N', t.cols, Q, P * K, one, operand, ld_operand,
-                         w + gi * Q * P * K, P * K, zero, result, t.cols)
-                    unpack_add_tile(result, Q, y + gi * Q * L, c_out * L, L, &t)
+                gather_from_columns(&g, operand, ld_operand, w + gi * Q * P * K, P * K, Q, &t, folded,
+                                    interleaved, result, y + gi * Q * L, c_out,
+                                    bias_ptr + gi * Q if has_bias else NULL, has_bias)
         workspace_free(&ws)
 
 
@@ -829,15 +878,12 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef const floating* x = &image_in[0, 0, 0, 0, 0]
     cdef const floating* dy = &grid_in[0, 0, 0, 0, 0]
     cdef floating* gw = &out[0, 0, 0, 0, 0]
-    cdef const floating* operand
-    cdef Py_ssize_t ld_operand
     cdef Workspace ws
     cdef floating* cols
     cdef floating* image_tile
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef floating one = 1
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
@@ -850,26 +896,66 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
-                if interleaved:  # both operands' columns sample-minor
-                    pack_interleaved(x + gi * P * g.image_cells, c_img * g.image_cells, P, g.image_cells,
-                                     image_tile, g.image_cells * t.nt, &t)
-                    im2col_gather_interleaved(&g, image_tile, P * K, cols, t.cols, t.nt)
-                    pack_interleaved(dy + gi * Q * L, c_grid * L, Q, L, <floating*>ws.packed, t.cols, &t)
-                    operand, ld_operand = <floating*>ws.packed, t.cols
-                elif folded:
-                    im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
-                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
-                    pack_tile(dy + gi * Q * L, c_grid * L, Q, L, <floating*>ws.packed, &t)
-                    operand, ld_operand = <floating*>ws.packed, t.cols
-                else:
-                    im2col_gather(&g, x + gi * P * g.image_cells, c_img * g.image_cells,
-                                  g.image_cells, P * K, cols, t.cols, &t, ws.rows, n_rows)
-                    operand, ld_operand = dy + t.n0 * c_grid * L + gi * Q * L + t.l0, L
-                # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major)
-                # is col-major (T x P*K), transposed -> (P*K x T); dY_tile (Q x T, row
-                # stride ld_operand) is col-major (T x Q).
-                gemm(c'T', c'N', P * K, Q, t.cols, one, cols, t.cols, operand, ld_operand,
-                     one, gw + gi * Q * P * K, P * K)
+                tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
+                             image_tile, cols)
+                weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
+                                         <floating*>ws.packed, gw + gi * Q * P * K)
+        workspace_free(&ws)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, ::1] weight,
+                           const floating[:, :, :, :, ::1] grid_in, floating[:, :, :, :, ::1] out,
+                           floating[:, :, :, :, ::1] gw_out,
+                           tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
+                           Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
+                           Py_ssize_t n_tiles, bint interleaved):
+    """``gather(image_in, weight)`` into ``out`` (no bias) and ``weight_grad(image_in,
+    grid_in)`` into ``gw_out`` from one im2col per tile: a transposed convolution's
+    input and weight gradients. With the plan of ``gather`` (not its identity map)
+    both results are bitwise those of the two separate calls.
+    """
+    cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
+    cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
+    cdef Py_ssize_t P = c_img // groups, Q = c_grid // groups, K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t b, gi, ti
+    cdef Tile t
+    cdef const floating* x = &image_in[0, 0, 0, 0, 0]
+    cdef const floating* w = &weight[0, 0, 0, 0, 0]
+    cdef const floating* dy = &grid_in[0, 0, 0, 0, 0]
+    cdef floating* y = &out[0, 0, 0, 0, 0]
+    cdef floating* gw = &gw_out[0, 0, 0, 0, 0]
+    cdef Workspace ws
+    cdef floating* cols
+    cdef floating* result
+    cdef floating* packed
+    cdef floating* image_tile
+    cdef Py_ssize_t n_rows
+    cdef bint folded = samples_per_tile > 1
+    cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+
+    with nogil:
+        memset(gw, 0, groups * Q * P * K * sizeof(floating))
+        if not interleaved:
+            for b in range(n):
+                fill_channels(y + b * c_grid * L, c_grid, L, NULL, False)
+        workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
+                        (2 * Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+        cols, result = <floating*>ws.cols, <floating*>ws.packed
+        packed = result + Q * cols_per_tile
+        image_tile = packed + Q * cols_per_tile
+        for ti in range(n_tiles):
+            t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
+            n_rows = tile_rows(&g, &t, ws.rows)
+            for gi in range(groups):
+                tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
+                             image_tile, cols)
+                gather_from_columns(&g, cols, t.cols, w + gi * Q * P * K, P * K, Q, &t, folded, interleaved,
+                                    result, y + gi * Q * L, c_grid, NULL, False)
+                weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
+                                         packed, gw + gi * Q * P * K)
         workspace_free(&ws)
 
 

@@ -11,6 +11,9 @@ primitive                   used for
 ``weight_grad``             the weight gradient of both
 ==========================  ===========================================
 
+A backend may also override ``gather_and_weight_grad``, the pair a
+transposed convolution's backward needs, to share work between the two.
+
 All three speak of two spatial grids tied by one index map. The *image* is
 the dense side (a transposed convolution's output, a regular convolution's
 input); the *grid* is the strided side (its input, resp. output). Grid cell
@@ -153,3 +156,14 @@ class Backend:
         returns ``(G*Q, P, *kernel)``.
         """
         raise NotImplementedError
+
+    # -- optional: a pair of primitives in one call --
+    def gather_and_weight_grad(self, image_in, weight, grid_in, geom: Geometry):
+        """``(gather(image_in, weight, None, geom), weight_grad(image_in, grid_in, geom))``:
+        a transposed convolution's input and weight gradients (``image_in`` is
+        ``grad_output``, ``grid_in`` is ``x``).
+
+        Both read ``image_in`` through the same im2col, which a backend may
+        compute once for the two; this default makes the two calls.
+        """
+        return self.gather(image_in, weight, None, geom), self.weight_grad(image_in, grid_in, geom)

@@ -118,22 +118,23 @@ def _backward(transposed: bool, ndim: int, grad_output, x, weight, stride, paddi
     )
     engine, geom, dy = call.backend, call.geom, call.grad_output
     empty = dy.size == 0 or call.x.size == 0 or call.weight.size == 0
+    want_x, want_w = "input" in needs, "weight" in needs
     grad_x = grad_w = grad_b = None
-    if "input" in needs:
-        if empty:
-            grad_x = _zeros(call, call.x.shape)
-        elif transposed:
-            grad_x = engine.gather(dy, call.weight, None, geom)
-        else:
-            grad_x = engine.scatter(dy, call.weight, None, geom)
+    if empty:
+        grad_x = _zeros(call, call.x.shape) if want_x else None
+        grad_w = _zeros(call, call.weight.shape) if want_w else None
+    elif transposed and want_x and want_w:
+        # both read grad_output through the same im2col: one call for the pair
+        grad_x, grad_w = engine.gather_and_weight_grad(dy, call.weight, call.x, geom)
+    elif transposed:
+        grad_x = engine.gather(dy, call.weight, None, geom) if want_x else None
+        grad_w = engine.weight_grad(dy, call.x, geom) if want_w else None
+    else:
+        grad_x = engine.scatter(dy, call.weight, None, geom) if want_x else None
+        grad_w = engine.weight_grad(call.x, dy, geom) if want_w else None
+    if want_x:
         grad_x = call.finish(grad_x, call.plan.x_shape)
-    if "weight" in needs:
-        if empty:
-            grad_w = _zeros(call, call.weight.shape)
-        elif transposed:
-            grad_w = engine.weight_grad(dy, call.x, geom)
-        else:
-            grad_w = engine.weight_grad(call.x, dy, geom)
+    if want_w:
         grad_w = call.finish(grad_w, call.plan.weight_shape)
     if "bias" in needs:
         grad_b = call.finish(dy.sum(axis=(0, 2, 3, 4)), call.plan.out_shape[-ndim - 1 : -ndim])

@@ -88,6 +88,13 @@ def require():
 
 
 @pytest.fixture
+def restore_threads():
+    """Put the thread budget back to its default after the test."""
+    yield
+    tconv.set_num_threads(None)
+
+
+@pytest.fixture
 def restore_backend_choice():
     """Undo any ``set_backend`` a test makes."""
     yield

@@ -109,6 +109,49 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
     assert_close(got[0], definition)
 
 
+@pytest.mark.parametrize("path", ["column_tiles", "folded_plain", "folded_interleaved", "tight_budget"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim, dtype):
+    """Both gradients of a transposed convolution come from one im2col per tile
+    (``gather_and_weight_grad``): the same bits as asking for each alone. Where
+    the pair's (slightly larger) buffers would pass the budget, it makes the two calls."""
+    tight = path == "tight_budget"
+    for name, value in ({} if tight else PATHS[path][0]).items():
+        monkeypatch.setattr(blas_backend, name, value)
+    plan_caches = (blas_backend.scatter_plan, blas_backend.gather_plan, blas_backend.weight_grad_plan)
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim).astype(dtype)
+    w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim).astype(dtype)
+    dy = rng.standard_normal((N, C_OUT) + (2 * SIZE[ndim],) * ndim).astype(dtype)
+    backward = getattr(tconv, f"conv_transpose{ndim}d_backward")
+    calls = []
+    monkeypatch.setattr(blas_backend._blas_core, "gather_and_weight_grad",
+                        _recording(blas_backend._blas_core.gather_and_weight_grad, calls))
+    for cached in plan_caches:
+        cached.cache_clear()
+    try:
+        alone = (backward(dy, x, w, **KW, needs=("input",), backend="blas")[0],
+                 backward(dy, x, w, **KW, needs=("weight",), backend="blas")[1])
+        if tight:  # (the plans, cached above, were made with the whole budget)
+            monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 64)
+        pair = backward(dy, x, w, **KW, needs=("input", "weight"), backend="blas")
+    finally:
+        for cached in plan_caches:
+            cached.cache_clear()
+    assert len(calls) == (0 if tight else 1)
+    for a, b in zip(pair[:2], alone):
+        assert a.dtype == dtype and np.array_equal(a, b)
+
+
+def _recording(function, calls):
+    def recorded(*args):
+        calls.append(args)
+        return function(*args)
+
+    return recorded
+
+
 # Kernels wider than the grid take the "patches" route: per block of output
 # channels and tile of grid cells, whole kernel rows are added. Cache tiles in
 # float64 (kernel patches of 5**ndim, grids of 3**ndim cells): all cells and

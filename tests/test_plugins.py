@@ -172,12 +172,6 @@ def openmp():
     return tconv_openmp
 
 
-@pytest.fixture
-def restore_threads():
-    yield
-    tconv.set_num_threads(None)
-
-
 def _case(rng, ndim, n, c_in, c_out, groups, size, kernel, stride, dilation, dtype=np.float64):
     """Arrays for a transposed and a regular convolution on the same input."""
     x = rng.standard_normal((n, c_in) + (size,) * ndim).astype(dtype)
@@ -341,14 +335,35 @@ def test_openmp_runs_the_core_kernels_at_one_thread(openmp, monkeypatch, restore
         assert_close(c, a)
 
 
-def test_openmp_leaves_blas_single_threaded_under_its_threads(openmp, monkeypatch, restore_threads):
+# (x shape, weight shape, stride): each of the routes a transposed convolution can take
+ROUTE_SHAPES = {
+    "col2im": ((2, 8, 9, 9), (8, 8, 3, 3), 2),
+    "one-cell grid": ((4, 16, 1, 1), (16, 32, 4, 4), 1),
+    "wide kernel (patches)": ((1, 4, 3, 3), (4, 4, 16, 16), 8),
+    "one sample, exact cover": ((1, 32, 16, 16), (32, 16, 2, 2), 2),
+    "small": ((1, 1, 2, 2), (1, 1, 3, 3), 1),
+}
+
+
+@pytest.mark.parametrize("route", ROUTE_SHAPES)
+def test_openmp_never_threads_blas(openmp, restore_threads, route):
+    """Every call leaves BLAS at one thread, whichever kernels ran: a threaded OpenBLAS
+    keeps its workers spinning after the call, on the cores OpenMP needs next."""
     from threadpoolctl import threadpool_info
 
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)  # small calls run the blas kernels
+    from tconv import _threads
+
+    x_shape, w_shape, stride = ROUTE_SHAPES[route]
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     tconv.set_num_threads(2)
-    tconv.conv_transpose2d(np.ones((2, 8, 9, 9)), np.ones((8, 8, 3, 3)), backend="openmp")
-    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
-    assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
+    y = tconv.conv_transpose2d(x, w, stride=stride)
+    for call in (lambda: tconv.conv_transpose2d(x, w, stride=stride, backend="openmp"),
+                 lambda: tconv.conv_transpose2d_backward(y, x, w, stride=stride, backend="openmp")):
+        _threads.set_blas_threads(2)
+        call()
+        blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+        assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
 
 
 def test_openmp_refuses_gemm_sizes_beyond_blas_ints(openmp):

@@ -276,12 +276,6 @@ def test_tconv_num_threads_env():
 # --------------------------------------------------------------------------- #
 # threads
 # --------------------------------------------------------------------------- #
-@pytest.fixture
-def restore_threads():
-    yield
-    tconv.set_num_threads(None)
-
-
 def test_set_num_threads_sets_and_none_resets(restore_threads):
     default = tconv.get_num_threads()
     assert default >= 1

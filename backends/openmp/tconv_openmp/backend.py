@@ -38,15 +38,18 @@ _EXACT = NumpyBackend()
 #: more than the work. The choice depends on the shape alone, so results stay
 #: independent of the thread count.
 PARALLEL_MIN_MACS = 1 << 18
-_CORE = BlasBackend()
 
-#: Transposed convolutions the core's kernels run better, whatever the thread
-#: count (BLAS threads their GEMMs): a one-cell grid (a generator's first
-#: layer) is one GEMM with no col2im at all; wide kernels (FCN upsampling)
-#: add whole kernel rows, where this backend's col2im walks short strided runs.
-#: (So does a single sample whose taps cover the image once, U-Net's k2 s2:
-#: one wide GEMM threaded by BLAS, then a plain write, see ``scatter``.)
-_CORE_ROUTES = ("single-cell", "patches")
+#: The core's kernels, always with single-threaded BLAS: this backend never
+#: threads BLAS. After a threaded call OpenBLAS's workers spin for about
+#: 0.1 s waiting for more work, and this backend's OpenMP threads then share
+#: the cores with them: the next parallel call ran 60-80% slower (DCGAN
+#: 512->256 at 2 threads: 22 -> 36-40 ms after a BLAS-threaded layer).
+_CORE = BlasBackend(blas_threads=1)
+
+#: Transposed convolutions the core runs better, on one thread, than this
+#: backend on several: wide kernels (FCN upsampling) add whole kernel rows
+#: there, where this backend's col2im walks short strided runs.
+_CORE_ROUTES = ("patches",)
 
 
 def _kernels():
@@ -142,7 +145,7 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps = math.prod(geom.kernel)
-        if scatter_route(geom, p) in _CORE_ROUTES or (n == 1 and covers_exactly(geom)):
+        if scatter_route(geom, p) in _CORE_ROUTES:
             return _CORE.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
@@ -200,6 +203,12 @@ class OpenMPBackend(Backend):
             tiling.fold, tiling.tile, plan.rows, plan.per_thread, plan.interleaved, threads,
         )
         return out
+
+    def gather_and_weight_grad(self, image_in, weight, grid_in, geom):
+        # where both would run on the core, its kernels share one im2col between them
+        if self._on_core(image_in.shape[0] * weight.size * math.prod(geom.grid)):
+            return _CORE.gather_and_weight_grad(image_in, weight, grid_in, geom)
+        return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
 
     def weight_grad(self, image_in, grid_in, geom):
         n, c_img = image_in.shape[:2]
