@@ -339,6 +339,15 @@ class BlasBackend(Backend):
     def gather_and_weight_grad(self, image_in, weight, grid_in, geom):
         """Both from one im2col per tile (``_blas_core.gather_and_weight_grad``): bitwise
         the two separate calls' results, one column buffer pass fewer."""
+        grad_image = np.empty((image_in.shape[0], grid_in.shape[1], *geom.grid), dtype=image_in.dtype)
+        grad_weight = np.empty(weight.shape, dtype=image_in.dtype)
+        self.gather_and_weight_grad_into(image_in, weight, grid_in, geom, grad_image, grad_weight)
+        return grad_image, grad_weight
+
+    def gather_and_weight_grad_into(self, image_in, weight, grid_in, geom, grad_image, grad_weight) -> None:
+        """``gather_and_weight_grad``, written into C-contiguous ``grad_image`` and
+        ``grad_weight`` (a backend running the core on parts of a batch hands it
+        slices of its outputs)."""
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
         itemsize = image_in.itemsize
@@ -348,15 +357,14 @@ class BlasBackend(Backend):
         workspace = (p * math.prod(geom.kernel) * plan.cols_per_tile + packed) * itemsize
         if (identity or workspace > WORKSPACE_BYTES  # (the pair's buffers are a little larger)
                 or (taps_leave_image(geom) and not (np.isfinite(weight).all() and np.isfinite(grid_in).all()))):
-            return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
-        grad_image = np.empty((n, q * geom.groups, *geom.grid), dtype=image_in.dtype)
-        grad_weight = np.empty((q * geom.groups, p, *geom.kernel), dtype=image_in.dtype)
+            grad_image[...] = self.gather(image_in, weight, None, geom)
+            grad_weight[...] = self.weight_grad(image_in, grid_in, geom)
+            return
         self._set_blas_threads()
         _blas_core.gather_and_weight_grad(
             image_in, weight, grid_in, grad_image, grad_weight, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved,
         )
-        return grad_image, grad_weight
 
 
 #: Where zero-filled taps would meet a non-finite value, the numpy backend's

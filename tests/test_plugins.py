@@ -322,6 +322,45 @@ def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, 
             assert np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_threads, ndim, dtype, assert_close):
+    """Large backward pairs run in batch parts on a thread pool: the definition's
+    gradients, the same bits at any thread count from 2 up, the weight gradient
+    summed in part order, and every part's buffers released with the backend's."""
+    from tconv_openmp import _plan
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    rng = np.random.default_rng(ndim)
+    n, parts = 7, _plan.PAIR_MAX_PARTS
+    x = rng.standard_normal((n, 6) + (5,) * ndim).astype(dtype)
+    w = rng.standard_normal((6, 2) + (3,) * ndim).astype(dtype)
+    kw = dict(stride=2, padding=1, output_padding=1, groups=2)
+    ctb = getattr(tconv, f"conv_transpose{ndim}d_backward")
+    dy = rng.standard_normal(getattr(tconv, f"conv_transpose{ndim}d")(x, w, **kw).shape).astype(dtype)
+    runs = []
+    for threads in (2, 3, 2):
+        tconv.set_num_threads(threads)
+        runs.append(ctb(dy, x, w, **kw, needs=("input", "weight"), backend="openmp")[:2])
+    for run in runs[1:]:
+        assert all(np.array_equal(a, c) for a, c in zip(runs[0], run))
+    expected = ctb(dy, x, w, **kw, needs=("input", "weight"), backend="numpy")[:2]
+    for got, want in zip(runs[0], expected):
+        assert got.dtype == dtype
+        assert_close(got, want)
+    # the weight gradient is the parts' (each the core's, on its samples) summed in order
+    bounds = [n * i // parts for i in range(parts + 1)]
+    tconv.set_num_threads(1)  # the parts' BLAS runs on one thread
+    part_sums = [ctb(dy[a:b], x[a:b], w, **kw, needs=("weight",), backend="blas")[1]
+                 for a, b in zip(bounds, bounds[1:])]
+    total = part_sums[0].copy()
+    for part in part_sums[1:]:
+        total += part
+    assert np.array_equal(runs[0][1], total)
+    openmp.OpenMPBackend().release_workspace()  # (reaches every pool thread; must not hang)
+
+
 def test_openmp_runs_the_core_kernels_at_one_thread(openmp, monkeypatch, restore_threads, assert_close):
     """One thread: the ``blas`` backend's results, bit for bit; they agree with 2 threads to rounding."""
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)

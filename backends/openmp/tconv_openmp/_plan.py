@@ -49,6 +49,16 @@ MIN_TILE = 64
 MIN_ROW_BLOCK = 32
 MAX_ROW_BLOCK = 512
 
+#: A transposed convolution's backward pair (both gradients) runs as this
+#: many batch parts at most, each a core call sharing one im2col between
+#: the two GEMMs, the parts on several threads ...
+PAIR_MAX_PARTS = 4
+#: ... and each part at least this many multiply-adds per gradient (smaller
+#: pairs run this backend's own gather and weight_grad tasks) ...
+PAIR_MIN_PART_MACS = 1 << 25
+#: ... and its weight-gradient partial sums within this many bytes.
+PAIR_PARTIALS_BYTES = 16 << 20
+
 BLAS_INT_MAX = 2**31 - 1
 
 
@@ -214,6 +224,14 @@ def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int, t
     # a block of rows reads at most rows // taps + 2 channels (it may start and end mid-channel)
     image = (rows // taps + 2) * image_cells * tiles.fold if interleaved else 0
     return WeightGradPlan(rows, tiles, rows * width + packed + image, interleaved)
+
+
+def pair_parts(n: int, macs: int, weight_bytes: int) -> int:
+    """Batch parts of a backward pair of ``macs`` multiply-adds per gradient over
+    ``n`` samples (1: do not split). Part ``i`` covers samples ``n * i // parts``
+    up to ``n * (i + 1) // parts``; the weight gradient sums the parts in order."""
+    parts = min(PAIR_MAX_PARTS, n, macs // PAIR_MIN_PART_MACS, 1 + PAIR_PARTIALS_BYTES // max(1, weight_bytes))
+    return max(1, parts)
 
 
 def check_blas_ints(*sizes: int) -> None:

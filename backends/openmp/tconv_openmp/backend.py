@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -92,6 +93,41 @@ def _scratch(slot: str, count: int, dtype: np.dtype) -> np.ndarray:
     return buffer[:nbytes].view(dtype)
 
 
+# The threads that run a backward pair's batch parts (``gather_and_weight_grad``),
+# as many as the thread budget; made again when the budget changes.
+_pool_lock = threading.Lock()
+_pool_state: list = [None, 0]  # [executor, its threads]
+
+
+def _pool() -> ThreadPoolExecutor:
+    threads = get_num_threads()
+    with _pool_lock:
+        executor, size = _pool_state
+        if executor is None or size != threads:
+            if executor is not None:
+                executor.shutdown(wait=False)
+            executor = ThreadPoolExecutor(threads, thread_name_prefix="tconv-openmp")
+            _pool_state[:] = [executor, threads]
+        return executor
+
+
+def _release_pool_workspace() -> None:
+    """Drop the core's cached work buffers in every pool thread (one task each, held
+    at a barrier so that no thread takes two)."""
+    with _pool_lock:
+        executor, size = _pool_state
+    if executor is None:
+        return
+    barrier = threading.Barrier(size)
+
+    def release() -> None:
+        barrier.wait(timeout=10)
+        _CORE.release_workspace()
+
+    for future in [executor.submit(release) for _ in range(size)]:
+        future.result()
+
+
 def _flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1)
 
@@ -112,6 +148,7 @@ class OpenMPBackend(Backend):
     def release_workspace(self) -> None:
         _thread_cache.__dict__.pop("buffers", None)
         _CORE.release_workspace()
+        _release_pool_workspace()
 
     def availability(self) -> tuple[bool, str]:
         try:
@@ -205,10 +242,37 @@ class OpenMPBackend(Backend):
         return out
 
     def gather_and_weight_grad(self, image_in, weight, grid_in, geom):
-        # where both would run on the core, its kernels share one im2col between them
-        if self._on_core(image_in.shape[0] * weight.size * math.prod(geom.grid)):
+        """Both gradients of a transposed convolution.
+
+        Large pairs are cut into batch parts (``_plan.pair_parts``, by shape
+        only), each run by the core's kernels on one thread, which share one
+        im2col between the two GEMMs: the parts run on a pool of threads,
+        their input gradients land in disjoint slices and their weight
+        gradients are summed in part order. Small pairs run as two calls.
+        """
+        n = image_in.shape[0]
+        macs = n * weight.size * math.prod(geom.grid)
+        if self._on_core(macs):
             return _CORE.gather_and_weight_grad(image_in, weight, grid_in, geom)
-        return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
+        parts = _plan.pair_parts(n, macs, weight.nbytes)
+        if parts == 1:
+            return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
+        bounds = [n * i // parts for i in range(parts + 1)]
+        grad_image = np.empty((n, grid_in.shape[1], *geom.grid), dtype=image_in.dtype)
+        grad_weight = np.empty((parts, *weight.shape), dtype=image_in.dtype)
+
+        def run_part(i: int) -> None:
+            rows = slice(bounds[i], bounds[i + 1])
+            _CORE.gather_and_weight_grad_into(image_in[rows], weight, grid_in[rows], geom,
+                                              grad_image[rows], grad_weight[i])
+
+        _threads.set_blas_threads(1)
+        for future in [_pool().submit(run_part, i) for i in range(parts)]:
+            future.result()
+        total = grad_weight[0]
+        for i in range(1, parts):  # in part order, whichever thread ran which part
+            total += grad_weight[i]
+        return grad_image, total
 
     def weight_grad(self, image_in, grid_in, geom):
         n, c_img = image_in.shape[:2]
