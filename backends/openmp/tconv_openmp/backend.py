@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, covers_exactly, scatter_route
+from tconv._blas_backend import BlasBackend, covers_exactly
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image
 from tconv.registry import get_num_threads
@@ -46,11 +46,6 @@ PARALLEL_MIN_MACS = 1 << 18
 #: the cores with them: the next parallel call ran 60-80% slower (DCGAN
 #: 512->256 at 2 threads: 22 -> 36-40 ms after a BLAS-threaded layer).
 _CORE = BlasBackend(blas_threads=1)
-
-#: Transposed convolutions the core runs better, on one thread, than this
-#: backend on several: wide kernels (FCN upsampling) add whole kernel rows
-#: there, where this backend's col2im walks short strided runs.
-_CORE_ROUTES = ("patches",)
 
 
 def _kernels():
@@ -182,8 +177,6 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         taps = math.prod(geom.kernel)
-        if scatter_route(geom, p) in _CORE_ROUTES:
-            return _CORE.scatter(grid_in, weight, bias, geom)
         kernels = _kernels()
         dtype = grid_in.dtype
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize)
