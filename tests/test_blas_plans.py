@@ -255,3 +255,23 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, asse
         x, w, b, stride=(2,) * ndim, pad_begin=(padding,) * ndim, pad_end=(padding,) * ndim,
         output_padding=(output_padding,) * ndim, dilation=(1,) * ndim, groups=2)
     assert_close(got, expected)
+
+
+def test_samples_with_large_grids_are_not_folded(assert_close):
+    """A sample of FOLD_MAX_CELLS grid cells or more makes a wide GEMM alone: no folding
+    (which would copy the tile's input), whatever room the cache tile leaves."""
+    x = np.random.default_rng(0).standard_normal((3, 2, 24, 24))  # 576 cells, tiny channels
+    w = np.random.default_rng(1).standard_normal((2, 3, 4, 4))
+    kw = dict(stride=2, padding=1)
+    y = tconv.conv_transpose2d(x, w, **kw, backend="blas")
+    geom = Geometry(image=(1, 48, 48), grid=(1, 24, 24), kernel=(1, 4, 4), stride=(1, 2, 2),
+                    dilation=(1, 1, 1), pad_begin=(0, 1, 1), groups=1)
+    assert 24 * 24 >= blas_backend.FOLD_MAX_CELLS
+    for plan in (blas_backend.scatter_plan(geom, 3, 2, 3, 8), blas_backend.gather_plan(geom, 3, 3, 2, 8)[0],
+                 blas_backend.weight_grad_plan(geom, 3, 3, 2, 8)):
+        assert plan.samples_per_tile == 1, plan
+    assert_close(y, tconv.conv_transpose2d(x, w, **kw, backend="numpy"))
+    dy = np.cos(np.arange(y.size)).reshape(y.shape)
+    for got, want in zip(tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="blas"),
+                         tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="numpy")):
+        assert_close(got, want)
