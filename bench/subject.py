@@ -77,11 +77,8 @@ def _primitive_calls(case: Case, arrays: dict[str, np.ndarray]) -> dict[str, tup
         primitive = "scatter" if layer.transposed else "gather"
         return {"forward": (primitive, call.x, call.weight, call.bias, g)}
     dy = call.grad_output
-    if layer.transposed:
-        return {
-            "grad_input": ("gather", dy, call.weight, None, g),
-            "grad_weight": ("weight_grad", dy, call.x, g),
-        }
+    if layer.transposed:  # both gradients at once, as tconv.functional asks for them
+        return {"backward": ("gather_and_weight_grad", dy, call.weight, call.x, g)}
     return {
         "grad_input": ("scatter", dy, call.weight, None, g),
         "grad_weight": ("weight_grad", call.x, dy, g),
@@ -105,7 +102,7 @@ def describe_plan(backend: str, case: Case, arrays: dict[str, np.ndarray]) -> An
             }
         except Exception as exc:  # a probe must not stop the benchmark
             return {"error": f"{type(exc).__name__}: {exc}"}
-        return plans["forward"] if "forward" in plans else plans
+        return plans[next(iter(plans))] if len(plans) == 1 else plans
     last = getattr(engine, "last_plan", None)
     return last if last is not None else None
 

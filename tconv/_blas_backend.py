@@ -293,9 +293,11 @@ class BlasBackend(Backend):
             if route != "col2im":
                 return route
             plan = scatter_plan(geom, n, c // geom.groups, second.shape[1], itemsize)
-        elif primitive == "gather":
+        elif primitive in ("gather", "gather_and_weight_grad"):
             plan, identity = gather_plan(geom, n, c // geom.groups, second.shape[0] // geom.groups, itemsize)
             route = "gemm on the image (1x1)" if identity else "im2col"
+            if primitive == "gather_and_weight_grad":
+                route = "two calls, " + route if identity else "one im2col for both gradients"
         else:
             plan = weight_grad_plan(geom, n, c // geom.groups, second.shape[1] // geom.groups, itemsize)
             route = "im2col"

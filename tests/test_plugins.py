@@ -465,3 +465,33 @@ def test_openmp_non_overlapping_taps_agree_with_numpy(openmp, monkeypatch, resto
     conv = getattr(tconv, f"conv_transpose{ndim}d")
     assert_close(conv(x, w, b, **kwargs, backend="openmp"), conv(x, w, b, **kwargs, backend="numpy"))
     assert_close(conv(x, w, None, **kwargs, backend="openmp"), conv(x, w, None, **kwargs, backend="numpy"))
+
+
+@pytest.mark.parametrize("route", ROUTE_SHAPES)
+def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route):
+    """``describe_plan`` (the benchmark's JSON) names where each primitive runs."""
+    from tconv._args import prepare
+    from tconv_openmp import _plan
+
+    x_shape, w_shape, stride = ROUTE_SHAPES[route]
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    dy = tconv.conv_transpose2d(x, w, stride=stride, backend="numpy")
+    call = prepare(transposed=True, ndim=2, x=x, weight=w, stride=stride, grad_output=dy, backward=True,
+                   backend="openmp")
+    backend, geom = call.backend, call.geom
+    calls = {"scatter": (call.x, call.weight, None, geom),
+             "gather_and_weight_grad": (call.grad_output, call.weight, call.x, geom),
+             "weight_grad": (call.grad_output, call.x, geom)}
+    tconv.set_num_threads(1)
+    for primitive, args in calls.items():
+        assert backend.describe_plan(primitive, *args).startswith("core, one thread: ")
+    tconv.set_num_threads(2)
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    assert backend.describe_plan("scatter", *calls["scatter"]).startswith("openmp col2im, ")
+    assert backend.describe_plan("weight_grad", *calls["weight_grad"]).startswith("openmp im2col, ")
+    assert backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"]).startswith("two calls: ")
+    if x_shape[0] > 1:
+        monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+        described = backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"])
+        assert " batch parts on the thread pool, each core: " in described

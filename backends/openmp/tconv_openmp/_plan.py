@@ -87,6 +87,9 @@ class Tiling:
         """Widest tile: its GEMM column count."""
         return self.fold * cells if self.fold > 1 else self.tile
 
+    def describe(self) -> str:
+        return f"{self.fold} samples folded per GEMM" if self.fold > 1 else f"{self.tile} columns per GEMM"
+
 
 def tiling(samples: int, cells: int, parallel_units: int, rows_per_column: int, itemsize: int) -> Tiling:
     """Cut ``samples`` x ``cells`` into tiles; ``parallel_units`` tasks run per tile (groups).

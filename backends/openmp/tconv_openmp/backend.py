@@ -156,6 +156,42 @@ class OpenMPBackend(Backend):
                            "reinstall tconv-openmp with an OpenMP-capable compiler")
         return True, ""
 
+    def describe_plan(self, primitive: str, *args) -> str:
+        """How ``primitive`` would run on these arguments (for the benchmark's JSON):
+        on the core (and its plan) or as this backend's tasks."""
+        geom = args[-1]
+        first, second = args[0], args[1]
+        n, c = first.shape[:2]
+        g, itemsize = geom.groups, first.itemsize
+        taps, cells = math.prod(geom.kernel), math.prod(geom.grid)
+        if primitive == "weight_grad":  # (image_in, grid_in, geom)
+            macs = n * c * second.shape[1] // g * taps * cells
+        else:  # a weight second: n * weight.size * cells multiply-adds
+            macs = n * second.size * cells
+        if self._on_core(macs):
+            return f"core, one thread: {_CORE.describe_plan(primitive, *args)}"
+        if primitive == "gather_and_weight_grad":
+            parts = _plan.pair_parts(n, macs, second.nbytes)
+            if parts == 1:
+                return (f"two calls: {self.describe_plan('gather', first, second, None, geom)}; "
+                        f"{self.describe_plan('weight_grad', first, args[2], geom)}")
+            part = (first[: n // parts], second, args[2][: n // parts], geom)
+            return f"{parts} batch parts on the thread pool, each core: {_CORE.describe_plan(primitive, *part)}"
+        if primitive == "scatter":
+            p, q = c // g, second.shape[1]
+            plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), itemsize)
+            how = (f"direct tasks of {plan.block} output channels" if plan.direct
+                   else "two phases: GEMMs into a shared buffer, then col2im by output lines")
+            sample_minor = ", sample-minor" if plan.interleaved else ""
+            return f"openmp col2im, {how}, {plan.tiling.describe()}{sample_minor}"
+        p, q = c // g, (second.shape[0] if primitive == "gather" else second.shape[1]) // g
+        if primitive == "gather":
+            plan = _plan.gather_plan(n, g, p * taps, q, cells, p * math.prod(geom.image), itemsize)
+        else:
+            plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, taps, math.prod(geom.image), itemsize)
+        sample_minor = ", sample-minor" if plan.interleaved else ""
+        return f"openmp im2col, row blocks of {plan.rows}, {plan.tiling.describe()}{sample_minor}"
+
     @staticmethod
     def _on_core(macs: int) -> bool:
         """Whether a call of ``macs`` multiply-adds runs on the core's kernels: when
