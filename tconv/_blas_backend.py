@@ -129,10 +129,12 @@ def _check_blas_ints(*sizes: int) -> None:
         )
 
 
+@functools.lru_cache(maxsize=512)
 def _spatial(geom: Geometry) -> tuple:
     return (geom.image, geom.grid, geom.kernel, geom.stride, geom.dilation, geom.pad_begin)
 
 
+@functools.lru_cache(maxsize=512)
 def scatter_route(geom: Geometry, depth: int) -> str:
     """How a transposed convolution runs: ``"single-cell"`` (one GEMM, no col2im),
     ``"flipped-gather"`` (stride 1, as a regular convolution), ``"patches"``
@@ -150,6 +152,7 @@ def scatter_route(geom: Geometry, depth: int) -> str:
     return "col2im"
 
 
+@functools.lru_cache(maxsize=512)
 def covers_exactly(geom: Geometry) -> bool:
     """Whether every image cell receives exactly one (grid cell, tap) product: taps
     side by side with no gap or overlap (stride = kernel, undilated) and the
@@ -160,6 +163,7 @@ def covers_exactly(geom: Geometry) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=512)
 def patch_plan(geom: Geometry, q: int, itemsize: int) -> tuple[int, int]:
     """(grid cells, output channels) per GEMM of the ``"patches"`` route.
 
@@ -174,7 +178,8 @@ def patch_plan(geom: Geometry, q: int, itemsize: int) -> tuple[int, int]:
     return max(1, CACHE_TILE_BYTES // patch_bytes), 1
 
 
-# The plans depend on sizes only: cached, so a layer called in a loop plans once.
+# The plans (and the routes above) depend on sizes only: cached, so a layer
+# called in a loop plans once (caching the routes saved ~1 us of the seed call's ~9).
 @functools.lru_cache(maxsize=512)
 def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TilePlan:
     """Tiles of ``cols (q*K, T) = W^T X``: K rows per output channel, P packed rows."""
@@ -223,6 +228,13 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     _check_blas_ints(grid_cells, p * taps, q)
     plan = plan_tiles(n, grid_cells, p * taps, q, itemsize)
     return _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize), p, geom)
+
+
+def clear_plan_caches() -> None:
+    """Forget every cached route and plan (for code that changes the constants above)."""
+    for cached in (_spatial, scatter_route, covers_exactly, patch_plan, scatter_plan, gather_plan,
+                   weight_grad_plan):
+        cached.cache_clear()
 
 
 class BlasBackend(Backend):

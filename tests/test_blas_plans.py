@@ -23,6 +23,16 @@ blas_backend = pytest.importorskip("tconv._blas_backend")
 if blas_backend._blas_core is None:
     pytest.skip("the compiled core is not built", allow_module_level=True)
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Routes and plans are cached by shape: each test plans afresh, with its own constants."""
+    blas_backend.clear_plan_caches()
+    yield
+    blas_backend.clear_plan_caches()
+
+
 N, C_IN, C_OUT, GROUPS = 11, 4, 6, 2
 SIZE = {1: 7, 2: 4, 3: 3}
 KW = dict(stride=2, padding=1, output_padding=1, groups=GROUPS)
@@ -82,20 +92,13 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
     if path == "channel_blocks_interleaved":
         # room for 1.5 output channels' rows (3**ndim each) over all N * cells columns
         monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 8 * 3 * 3**ndim * N * SIZE[ndim] ** ndim // 2)
-    plan_caches = (blas_backend.scatter_plan, blas_backend.gather_plan, blas_backend.weight_grad_plan)
-    for cached in plan_caches:  # plans are cached by shape
-        cached.cache_clear()
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim)
     w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
     wc = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
     b = rng.standard_normal(C_OUT) if with_bias else None
-    try:
-        got = _everything(x, w, wc, b, ndim, "blas")
-        plans = _plans(ndim)
-    finally:
-        for cached in plan_caches:
-            cached.cache_clear()
+    got = _everything(x, w, wc, b, ndim, "blas")
+    plans = _plans(ndim)
     for plan in plans:
         assert described in plan.describe(), plan
     if path == "channel_blocks_interleaved":
@@ -119,7 +122,6 @@ def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim,
     tight = path == "tight_budget"
     for name, value in ({} if tight else PATHS[path][0]).items():
         monkeypatch.setattr(blas_backend, name, value)
-    plan_caches = (blas_backend.scatter_plan, blas_backend.gather_plan, blas_backend.weight_grad_plan)
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim).astype(dtype)
     w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim).astype(dtype)
@@ -128,17 +130,11 @@ def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim,
     calls = []
     monkeypatch.setattr(blas_backend._blas_core, "gather_and_weight_grad",
                         _recording(blas_backend._blas_core.gather_and_weight_grad, calls))
-    for cached in plan_caches:
-        cached.cache_clear()
-    try:
-        alone = (backward(dy, x, w, **KW, needs=("input",), backend="blas")[0],
-                 backward(dy, x, w, **KW, needs=("weight",), backend="blas")[1])
-        if tight:  # (the plans, cached above, were made with the whole budget)
-            monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 64)
-        pair = backward(dy, x, w, **KW, needs=("input", "weight"), backend="blas")
-    finally:
-        for cached in plan_caches:
-            cached.cache_clear()
+    alone = (backward(dy, x, w, **KW, needs=("input",), backend="blas")[0],
+             backward(dy, x, w, **KW, needs=("weight",), backend="blas")[1])
+    if tight:  # (the plans, cached above, were made with the whole budget)
+        monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 64)
+    pair = backward(dy, x, w, **KW, needs=("input", "weight"), backend="blas")
     assert len(calls) == (0 if tight else 1)
     for a, b in zip(pair[:2], alone):
         assert a.dtype == dtype and np.array_equal(a, b)
@@ -236,16 +232,12 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, asse
     padding, output_padding, covers = COVER_CASES[case]
     monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)  # column tiles: several per sample
     monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
-    blas_backend.scatter_plan.cache_clear()
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((3, 4) + (SIZE[ndim] + 1,) * ndim)
     w = rng.standard_normal((4, 3, *(2,) * ndim))
     b = rng.standard_normal(6)
-    try:
-        got = getattr(tconv, f"conv_transpose{ndim}d")(
-            x, w, b, stride=2, padding=padding, output_padding=output_padding, groups=2, backend="blas")
-    finally:
-        blas_backend.scatter_plan.cache_clear()
+    got = getattr(tconv, f"conv_transpose{ndim}d")(
+        x, w, b, stride=2, padding=padding, output_padding=output_padding, groups=2, backend="blas")
     lead = 3 - ndim
     geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
                     kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (2,) * ndim,
