@@ -361,6 +361,42 @@ def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_thread
     openmp.OpenMPBackend().release_workspace()  # (reaches every pool thread; must not hang)
 
 
+def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, restore_threads):
+    """Batch parts keep their pool when another thread changes the thread budget meanwhile;
+    results stay those of any count from 2 up."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tconv_openmp import _plan
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3))
+    dy = rng.standard_normal((8, 4, 11, 11))
+    tconv.set_num_threads(2)
+    expected = tconv.conv_transpose2d_backward(dy, x, w, stride=2, backend="openmp")
+    stop = threading.Event()
+
+    def fiddle():
+        n = 2
+        while not stop.is_set():
+            tconv.set_num_threads(n)
+            n = 5 - n  # 2, 3, 2, ...
+
+    fiddler = threading.Thread(target=fiddle)
+    fiddler.start()
+    try:
+        with ThreadPoolExecutor(4) as callers:
+            results = list(callers.map(
+                lambda _: tconv.conv_transpose2d_backward(dy, x, w, stride=2, backend="openmp"), range(40)))
+    finally:
+        stop.set()
+        fiddler.join()
+    for got in results:
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 def test_openmp_runs_the_core_kernels_at_one_thread(openmp, monkeypatch, restore_threads, assert_close):
     """One thread: the ``blas`` backend's results, bit for bit; they agree with 2 threads to rounding."""
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)

@@ -88,39 +88,36 @@ def _scratch(slot: str, count: int, dtype: np.dtype) -> np.ndarray:
     return buffer[:nbytes].view(dtype)
 
 
-# The threads that run a backward pair's batch parts (``gather_and_weight_grad``),
-# as many as the thread budget; made again when the budget changes.
-_pool_lock = threading.Lock()
-_pool_state: list = [None, 0]  # [executor, its threads]
+# The threads that run a backward pair's batch parts (``gather_and_weight_grad``):
+# one pool per thread budget seen, kept (never shut down under a call that is
+# submitting to it when another thread changes the budget).
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
     threads = get_num_threads()
-    with _pool_lock:
-        executor, size = _pool_state
-        if executor is None or size != threads:
-            if executor is not None:
-                executor.shutdown(wait=False)
-            executor = ThreadPoolExecutor(threads, thread_name_prefix="tconv-openmp")
-            _pool_state[:] = [executor, threads]
+    with _pools_lock:
+        executor = _pools.get(threads)
+        if executor is None:
+            executor = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tconv-openmp")
         return executor
 
 
 def _release_pool_workspace() -> None:
-    """Drop the core's cached work buffers in every pool thread (one task each, held
-    at a barrier so that no thread takes two)."""
-    with _pool_lock:
-        executor, size = _pool_state
-    if executor is None:
-        return
-    barrier = threading.Barrier(size)
+    """Drop the core's cached work buffers in every pool thread (one task per thread,
+    each held at a barrier until all are running, so that no thread takes two)."""
+    with _pools_lock:
+        pools = dict(_pools)
+    for size, executor in pools.items():
+        barrier = threading.Barrier(size)
 
-    def release() -> None:
-        barrier.wait(timeout=10)
-        _CORE.release_workspace()
+        def release(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            _CORE.release_workspace()
 
-    for future in [executor.submit(release) for _ in range(size)]:
-        future.result()
+        for future in [executor.submit(release) for _ in range(size)]:
+            future.result()
 
 
 def _flat(array: np.ndarray) -> np.ndarray:
