@@ -361,6 +361,26 @@ def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_thread
     openmp.OpenMPBackend().release_workspace()  # (reaches every pool thread; must not hang)
 
 
+def test_openmp_backward_pair_in_batch_parts_keeps_nan_and_inf_masks(openmp, monkeypatch, restore_threads):
+    """A part with a non-finite weight or input takes the tap-by-tap path, as two calls would."""
+    from tconv_openmp import _plan
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    tconv.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((8, 4, 9, 9))
+    w[1, 2, 0, 0] = np.nan
+    x[3, 1, 2, 2] = np.inf
+    got = tconv.conv_transpose2d_backward(dy, x, w, stride=2, padding=1, backend="openmp")
+    want = tconv.conv_transpose2d_backward(dy, x, w, stride=2, padding=1, backend="numpy")
+    for g, e in zip(got, want):
+        assert np.array_equal(np.isnan(g), np.isnan(e)) and np.array_equal(np.isposinf(g), np.isposinf(e))
+        assert np.array_equal(np.isneginf(g), np.isneginf(e))
+        finite = np.isfinite(e)
+        np.testing.assert_allclose(g[finite], e[finite], rtol=1e-10, atol=1e-10)
+
+
 def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, restore_threads):
     """Batch parts keep their pool when another thread changes the thread budget meanwhile;
     results stay those of any count from 2 up."""
