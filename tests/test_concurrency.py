@@ -3,7 +3,8 @@
 * Many Python threads calling one backend at once get results bit-for-bit
   identical to the serial run (every public function, both dtypes).
 * Threads using different backends at once (``use_backend`` is per thread)
-  each get their own backend's serial result.
+  each get their own backend's serial result (``blas`` to rounding: BLAS's
+  thread count is process-wide, and ``openmp`` sets it to one meanwhile).
 * ``-m slow``: with BLAS limited to one thread, two Python threads on the
   ``blas`` backend reach >= 1.6x the throughput of one
   (``tools/gil_scaling.py`` is the same measurement as a script).
@@ -92,15 +93,16 @@ def assert_identical(got, expected, what):
         assert np.array_equal(g, e, equal_nan=True), f"{what}: max diff {np.max(np.abs(g - e))}"
 
 
-def assert_identical_to_one(got, candidates, what):
-    failures = []
-    for expected in candidates:
-        try:
-            assert_identical(got, expected, what)
-            return
-        except AssertionError as exc:
-            failures.append(exc)
-    raise failures[0]
+def assert_equal_to_rounding(got, expected, what):
+    """Equal within a few units of rounding of each output's largest magnitude."""
+    for g, e in zip(as_tuple(got), as_tuple(expected)):
+        if e is None:
+            assert g is None, what
+            continue
+        assert g.shape == e.shape and g.dtype == e.dtype, what
+        scale = max(1.0, float(np.max(np.abs(e[np.isfinite(e)]), initial=0.0)))
+        tol = (1e-5 if e.dtype == np.float32 else 1e-12) * scale
+        np.testing.assert_allclose(g, e, rtol=0, atol=tol, equal_nan=True, err_msg=what)
 
 
 def test_many_threads_match_serial_run(backend_name):
@@ -128,22 +130,17 @@ def test_many_threads_match_serial_run(backend_name):
         assert_identical(got, serial[name], f"{name} on {backend_name} in {THREADS} threads")
 
 
-def test_threads_on_different_backends_at_once(restore_threads):
-    """Each thread gets its backend's serial result.
+def test_threads_on_different_backends_at_once():
+    """Each thread gets its backend's serial result: bit for bit, except ``blas`` to rounding.
 
     BLAS's thread count is process-wide and ``openmp`` sets it to one while
     ``blas`` sets it to the budget, so a ``blas`` call beside an ``openmp``
-    one may run its GEMMs at either count; OpenBLAS rounds differently at
-    different thread counts, so either serial result is the right one.
+    one may run some of its GEMMs at either count, and OpenBLAS rounds
+    differently at different thread counts.
     """
     names = [info.name for info in tconv.list_backends() if info.available and info.name != "cupy"]
     cases = problems()
-    serial = {(b, name): [fn(b)] for b in names for name, fn in cases}
-    if "blas" in names:
-        tconv.set_num_threads(1)  # the blas backend's tiles do not depend on it: only BLAS's count changes
-        for name, fn in cases:
-            serial[("blas", name)].append(fn("blas"))
-        tconv.set_num_threads(None)
+    serial = {(b, name): fn(b) for b in names for name, fn in cases}
     start = threading.Barrier(len(names) * 2)
     errors = []
 
@@ -154,8 +151,8 @@ def test_threads_on_different_backends_at_once(restore_threads):
                 for _ in range(ROUNDS):
                     assert tconv.get_backend() == backend
                     for name, fn in cases:
-                        assert_identical_to_one(fn(None), serial[(backend, name)],
-                                                f"{name} under use_backend({backend!r})")
+                        check = assert_equal_to_rounding if backend == "blas" else assert_identical
+                        check(fn(None), serial[(backend, name)], f"{name} under use_backend({backend!r})")
         except BaseException as exc:
             errors.append(exc)
 
