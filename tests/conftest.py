@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 
 import oracle
 import tconv
+from tconv import registry
+from tconv._numpy_backend import NumpyBackend
 
 
 def pytest_collection_modifyitems(config, items):
@@ -85,6 +88,53 @@ def backend_name(request) -> str:
 def require():
     """``require(name)``: skip/fail as ``backend_name`` does, for a test naming its backend."""
     return require_backend
+
+
+class SpyBackend(NumpyBackend):
+    """The numpy backend under another name, counting its ``scatter`` and ``gather``
+    calls: shows which backend actually ran a call."""
+
+    name = "spy"
+    description = "numpy, counting calls"
+    default_priority = None  # never chosen implicitly
+
+    def __init__(self, available=True, reason=""):
+        self.calls = 0
+        self._availability = (available, reason)
+        self._lock = threading.Lock()
+
+    def availability(self):
+        return self._availability
+
+    def _count(self):
+        with self._lock:
+            self.calls += 1
+
+    def scatter(self, *args):
+        self._count()
+        return super().scatter(*args)
+
+    def gather(self, *args):
+        self._count()
+        return super().gather(*args)
+
+
+@pytest.fixture
+def spy(restore_backend_choice):
+    """A ``SpyBackend`` registered as "spy" for the test; the registry is rediscovered after."""
+    backend = SpyBackend()
+    registry.register_backend(backend, name="spy")
+    yield backend
+    registry.reload_backends()
+
+
+@pytest.fixture
+def broken_spy(restore_backend_choice):
+    """An unavailable ``SpyBackend`` registered as "unicorn"."""
+    backend = SpyBackend(available=False, reason="needs a unicorn")
+    registry.register_backend(backend, name="unicorn")
+    yield backend
+    registry.reload_backends()
 
 
 @pytest.fixture

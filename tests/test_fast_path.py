@@ -10,7 +10,6 @@ call behaves as a fresh one would.
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ import pytest
 import tconv
 import tconv.functional as F
 from tconv import registry
-from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Geometry
 from tconv.layers import Conv2d, ConvTranspose2d
 
@@ -28,34 +26,6 @@ W = np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3)
 EXPECTED = np.array(
     [[1, 4, 7, 6], [7, 23, 33, 24], [19, 53, 63, 42], [21, 52, 59, 36]], dtype=np.float32
 ).reshape(1, 1, 4, 4)
-
-
-class CountingBackend(NumpyBackend):
-    name = "counting"
-    description = "numpy, counting calls"
-    default_priority = None
-
-    def __init__(self):
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def scatter(self, *args):
-        with self._lock:
-            self.calls += 1
-        return super().scatter(*args)
-
-    def gather(self, *args):
-        with self._lock:
-            self.calls += 1
-        return super().gather(*args)
-
-
-@pytest.fixture
-def counting(restore_backend_choice):
-    backend = CountingBackend()
-    registry.register_backend(backend, name="counting")
-    yield backend
-    registry.reload_backends()
 
 
 def _warm():
@@ -173,68 +143,64 @@ def test_errors_are_unchanged_after_a_cached_call():
 # --------------------------------------------------------------------------- #
 # backend selection stays live
 # --------------------------------------------------------------------------- #
-def test_set_backend_and_use_backend_take_effect_after_cached_calls(counting):
+def test_set_backend_and_use_backend_take_effect_after_cached_calls(spy):
     _warm()
-    tconv.set_backend("counting")
+    tconv.set_backend("spy")
     _warm()
-    assert counting.calls == 2
+    assert spy.calls == 2
     tconv.set_backend(None)
     _warm()
-    assert counting.calls == 2
-    with tconv.use_backend("counting"):
+    assert spy.calls == 2
+    with tconv.use_backend("spy"):
         _warm()
         F.conv_transpose2d(X, W, backend="numpy")
-    assert counting.calls == 4
+    assert spy.calls == 4
     _warm()
-    F.conv_transpose2d(X, W, backend="counting")
-    assert counting.calls == 5
+    F.conv_transpose2d(X, W, backend="spy")
+    assert spy.calls == 5
 
 
-def test_tconv_backend_set_at_run_time_is_read(counting, monkeypatch):
+def test_tconv_backend_set_at_run_time_is_read(spy, monkeypatch):
     monkeypatch.delenv("TCONV_BACKEND", raising=False)
     default = tconv.get_backend()
     _warm()
-    monkeypatch.setenv("TCONV_BACKEND", "counting")
-    assert tconv.get_backend() == "counting"
+    monkeypatch.setenv("TCONV_BACKEND", "spy")
+    assert tconv.get_backend() == "spy"
     _warm()
-    assert counting.calls == 2
+    assert spy.calls == 2
     monkeypatch.setenv("TCONV_BACKEND", "no-such-backend")
     for _ in range(2):  # refused every time, not once
         with pytest.raises(tconv.BackendError, match="no-such-backend"):
             F.conv_transpose2d(X, W)
-    monkeypatch.setenv("TCONV_BACKEND", " counting ")
+    monkeypatch.setenv("TCONV_BACKEND", " spy ")
     _warm()
-    assert counting.calls == 4
+    assert spy.calls == 4
     monkeypatch.delenv("TCONV_BACKEND")
     assert tconv.get_backend() == default
     _warm()
-    assert counting.calls == 4
+    assert spy.calls == 4
 
 
-def test_tconv_backend_is_read_when_os_environ_is_replaced(counting, monkeypatch):
+def test_tconv_backend_is_read_when_os_environ_is_replaced(spy, monkeypatch):
     _warm()
     import os
 
-    monkeypatch.setattr(os, "environ", {"TCONV_BACKEND": "counting"})
+    monkeypatch.setattr(os, "environ", {"TCONV_BACKEND": "spy"})
     _warm()
-    assert counting.calls == 2
+    assert spy.calls == 2
 
 
-def test_reloading_the_registry_forgets_resolved_backends(restore_backend_choice):
-    backend = CountingBackend()
-    registry.register_backend(backend, name="counting")
-    try:
-        F.conv_transpose2d(X, W, backend="counting")
-        F.conv_transpose2d(X, W, backend="counting")
-        assert backend.calls == 2
-        replacement = CountingBackend()
-        registry.register_backend(replacement, name="counting")
-        F.conv_transpose2d(X, W, backend="counting")
-        assert (backend.calls, replacement.calls) == (2, 1)
-    finally:
-        registry.reload_backends()
-    with pytest.raises(tconv.BackendError, match="unknown backend 'counting'"):
-        F.conv_transpose2d(X, W, backend="counting")
+def test_reloading_the_registry_forgets_resolved_backends(spy):
+    F.conv_transpose2d(X, W, backend="spy")
+    F.conv_transpose2d(X, W, backend="spy")
+    assert spy.calls == 2
+    replacement = type(spy)()
+    registry.register_backend(replacement, name="spy")
+    F.conv_transpose2d(X, W, backend="spy")
+    assert (spy.calls, replacement.calls) == (2, 1)
+    registry.reload_backends()
+    with pytest.raises(tconv.BackendError, match="unknown backend 'spy'"):
+        F.conv_transpose2d(X, W, backend="spy")
 
 
 # --------------------------------------------------------------------------- #

@@ -1,9 +1,9 @@
 """The backend registry: listing, choosing (process, scope, call, environment),
 errors that name the backend and list the available ones, thread counts.
 
-A "spy" backend (the numpy backend under another name, counting its calls)
-shows which backend actually ran a call; it is registered per test and the
-registry is rediscovered afterwards.
+A "spy" backend (``conftest.SpyBackend``: the numpy backend under another
+name, counting its calls) shows which backend actually ran a call; it is
+registered per test and the registry is rediscovered afterwards.
 """
 
 from __future__ import annotations
@@ -18,46 +18,9 @@ import numpy as np
 import pytest
 
 import tconv
-from tconv import registry
-from tconv._numpy_backend import NumpyBackend
 
 X = np.ones((1, 1, 3))
 W = np.ones((1, 1, 2))
-
-
-class SpyBackend(NumpyBackend):
-    name = "spy"
-    description = "numpy, counting calls"
-    default_priority = None  # never chosen implicitly
-
-    def __init__(self, available=True, reason=""):
-        self.calls = 0
-        self._availability = (available, reason)
-        self._lock = threading.Lock()
-
-    def availability(self):
-        return self._availability
-
-    def scatter(self, *args):
-        with self._lock:
-            self.calls += 1
-        return super().scatter(*args)
-
-
-@pytest.fixture
-def spy(restore_backend_choice):
-    backend = SpyBackend()
-    registry.register_backend(backend, name="spy")
-    yield backend
-    registry.reload_backends()
-
-
-@pytest.fixture
-def broken_spy(restore_backend_choice):
-    backend = SpyBackend(available=False, reason="needs a unicorn")
-    registry.register_backend(backend, name="unicorn")
-    yield backend
-    registry.reload_backends()
 
 
 def run(backend=None):
