@@ -292,8 +292,7 @@ class OpenMPBackend(Backend):
             _CORE.gather_and_weight_grad_into(image_in[rows], weight, grid_in[rows], geom,
                                               grad_image[rows], grad_weight[i])
 
-        _threads.set_blas_threads(1)
-        for future in [_pool().submit(run_part, i) for i in range(parts)]:
+        for future in [_pool().submit(run_part, i) for i in range(parts)]:  # (_CORE sets BLAS to 1 thread)
             future.result()
         total = grad_weight[0]
         for i in range(1, parts):  # in part order, whichever thread ran which part
