@@ -71,6 +71,13 @@ INTERLEAVE_MIN_SAMPLES = 8
 #: and k64 s32 upsampling run about twice as fast).
 PATCH_MIN_KERNEL_WIDTH = 8
 
+#: Whole-sample col2im tiles accumulate each channel's image phase-major and
+#: store it once (``_blas_core.col2im_phased``) when that accumulator is at
+#: most this big (it should stay in L1/L2 while a channel's taps are added).
+#: Interleaved A/B at 1 thread (medians of 7): DCGAN b64 256->128 forward
+#: 54.8 -> 40.6 ms, 128->64 51.6 -> 42.9, 64->3 7.0 -> 5.7; stride 1 even.
+PHASED_MAX_BYTES = 256 * 2**10
+
 _BLAS_INT_MAX = 2**31 - 1
 
 
@@ -83,6 +90,7 @@ class TilePlan:
     n_tiles: int
     row_block: int  # scatter: output channels per GEMM (all of them unless the kernel is huge)
     interleaved: bool = False  # scatter: folded columns ordered sample-minor (see _blas_core)
+    phased: bool = False  # scatter: whole samples, col2im through a phase-major accumulator
 
     def describe(self) -> str:
         if self.samples_per_tile > 1:
@@ -91,6 +99,8 @@ class TilePlan:
                 how += ", sample-minor"
         else:
             how = f"{self.cols_per_tile} columns per GEMM"
+        if self.phased:
+            how += ", phased col2im"
         return f"{how}, {self.n_tiles} tiles"
 
 
@@ -187,8 +197,20 @@ def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TileP
     _check_blas_ints(grid_cells, q * taps, p)
     plan = plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
     # sample-minor: an accumulator of q image-sized channels per sample
-    return _sample_minor(plan, lambda extra: plan_tiles(
+    plan = _sample_minor(plan, lambda extra: plan_tiles(
         n, grid_cells, q * taps, p + extra, itemsize, row_unit=taps, row_units=q), q, geom)
+    whole_samples = plan.samples_per_tile > 1 or plan.cols_per_tile >= grid_cells
+    if (whole_samples and not plan.interleaved and not covers_exactly(geom)
+            and phased_acc_bytes(geom, itemsize) <= PHASED_MAX_BYTES):
+        plan = dataclasses.replace(plan, phased=True)
+    return plan
+
+
+def phased_acc_bytes(geom: Geometry, itemsize: int) -> int:
+    """Bytes of ``col2im_phased``'s accumulator: one channel's image, rows padded to a
+    whole number of stride phases."""
+    depth, height, width = geom.image
+    return depth * height * geom.stride[2] * -(-width // geom.stride[2]) * itemsize
 
 
 def _sample_minor(plan: TilePlan, replan, channels: int, geom: Geometry) -> TilePlan:
@@ -286,7 +308,7 @@ class BlasBackend(Backend):
         _blas_core.scatter(
             grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block, plan.interleaved,
-            covers_exactly(geom),
+            covers_exactly(geom), plan.phased,
         )
         return out
 

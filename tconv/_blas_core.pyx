@@ -341,6 +341,81 @@ cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols
                     set_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi, value)
 
 
+# --------------------------------------------------------------------------- #
+# whole samples, strided taps: col2im through a phase-major accumulator
+# --------------------------------------------------------------------------- #
+# With stride s > 1 along the last dim, a tap adds a grid row into every s-th
+# image element: a strided read-modify-write the compiler cannot vectorise,
+# repeated for each of the kernel's taps that overlap there (DCGAN's k4 s2:
+# 4 per element, a third of the layer's time). When a tile holds whole
+# samples, each channel's image is instead accumulated in a buffer whose rows
+# are stored phase-major (image column n * s + r at r * phase_len + n), where
+# every tap's grid row is one contiguous run; a strided store then writes each
+# image element once, bias included, so the output needs no fill beforehand.
+
+cdef inline Py_ssize_t phase_len(const Geom* g) noexcept nogil:
+    """Accumulator elements per phase of an image row: ceil(W / stride)."""
+    return (g.image[2] + g.stride[2] - 1) // g.stride[2]
+
+
+cdef inline Py_ssize_t phased_acc_size(const Geom* g) noexcept nogil:
+    """Elements of one channel's phase-major accumulator (``_blas_backend.phased_acc_bytes``)."""
+    return g.image[0] * g.image[1] * g.stride[2] * phase_len(g)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_cols,
+                        Py_ssize_t rows, floating* image, Py_ssize_t image_stride_n,
+                        Py_ssize_t image_stride_c, const Tile* t, const Tap* taps,
+                        const floating* bias, floating* acc) noexcept nogil:
+    """Write a column buffer of whole samples into the image: ``image = bias + col2im(cols)``.
+
+    Same column layout as ``col2im_scatter``; ``taps`` are the K ``tap_at``
+    landings, ``acc`` holds ``phased_acc_size`` elements, ``bias`` (or NULL)
+    starts at the block's first channel.
+    """
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t sw = g.stride[2], W = g.image[2]
+    cdef Py_ssize_t plen = phase_len(g), acc_row = sw * phase_len(g)
+    cdef Py_ssize_t image_rows = g.image[0] * g.image[1]
+    cdef Py_ssize_t s, c, k, ld, lh, lw, lo, hi, shift, r, n, i, count
+    cdef const Tap* tap
+    cdef const floating* src
+    cdef const floating* src_row
+    cdef const floating* acc_run
+    cdef floating* dst_row
+    cdef floating* out
+    cdef floating value
+    for s in range(t.nt):
+        for c in range(channels):
+            memset(acc, 0, image_rows * acc_row * sizeof(floating))
+            for k in range(g.taps):
+                tap = &taps[k]
+                lo, hi = tap.first[2], tap.last[2] + 1
+                if hi <= lo:
+                    continue
+                # image column lw * sw + offset = (lw + q) * sw + r: phase r, index lw + q
+                shift = (tap.offset[2] - floor_div(tap.offset[2], sw) * sw) * plen + floor_div(tap.offset[2], sw)
+                src = cols + (c * g.taps + k) * tile_cols + s * t.lt
+                for ld in range(tap.first[0], tap.last[0] + 1):
+                    for lh in range(tap.first[1], tap.last[1] + 1):
+                        dst_row = acc + ((ld * g.stride[0] + tap.offset[0]) * g.image[1]
+                                         + lh * g.stride[1] + tap.offset[1]) * acc_row + shift
+                        src_row = src + (ld * g.grid[1] + lh) * g.grid[2]
+                        for lw in range(lo, hi):
+                            dst_row[lw] += src_row[lw]
+            value = bias[c] if bias != NULL else 0
+            out = image + (t.n0 + s) * image_stride_n + c * image_stride_c
+            for i in range(image_rows):
+                for r in range(sw):
+                    acc_run = acc + i * acc_row + r * plen
+                    count = (W - r + sw - 1) // sw
+                    for n in range(count):
+                        out[i * W + n * sw + r] = acc_run[n] + value
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -576,6 +651,7 @@ cdef struct Workspace:
     # descriptors.
     void* cols
     void* packed
+    void* scratch  # kernel-specific (col2im_phased: the taps and one channel's accumulator)
     Row* rows
 
 
@@ -622,19 +698,21 @@ cdef unsigned char* thread_buffer(size_t nbytes) except NULL:
 
 
 cdef int workspace_alloc(Workspace* ws, size_t cols_bytes, size_t packed_bytes,
-                         Py_ssize_t n_rows) except -1 nogil:
+                         Py_ssize_t n_rows, size_t scratch_bytes=0) except -1 nogil:
     cdef unsigned char* base
+    cdef size_t at = aligned(cols_bytes) + aligned(packed_bytes)
     with gil:
-        base = thread_buffer(aligned(cols_bytes) + aligned(packed_bytes) + n_rows * sizeof(Row))
+        base = thread_buffer(at + aligned(scratch_bytes) + n_rows * sizeof(Row))
     ws.cols = base if cols_bytes else NULL
     ws.packed = base + aligned(cols_bytes) if packed_bytes else NULL
-    ws.rows = <Row*>(base + aligned(cols_bytes) + aligned(packed_bytes))
+    ws.scratch = base + at if scratch_bytes else NULL
+    ws.rows = <Row*>(base + at + aligned(scratch_bytes))
     return 0
 
 
 cdef void workspace_free(Workspace* ws) noexcept nogil:
     # the buffer stays cached for the thread's next call
-    ws.cols = ws.packed = NULL
+    ws.cols = ws.packed = ws.scratch = NULL
     ws.rows = NULL
 
 
@@ -647,7 +725,8 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
             const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
             tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
             Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-            Py_ssize_t n_tiles, Py_ssize_t q_block, bint interleaved, bint exact_cover):
+            Py_ssize_t n_tiles, Py_ssize_t q_block, bint interleaved, bint exact_cover,
+            bint phased):
     """col2im: ``out = bias + scatter(grid_in, weight)`` (transposed conv forward).
 
     Per tile, group and block of ``q_block`` output channels:
@@ -657,6 +736,8 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     buffer of ``q_block * image cells * samples_per_tile`` elements.
     ``exact_cover`` (taps never overlap and cover the image: see
     ``_blas_backend.covers_exactly``) writes the cols instead of adding them.
+    ``phased`` (whole-sample tiles only) writes each output element once from
+    a phase-major accumulator (``col2im_phased``).
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = grid_in.shape[0], c_in = grid_in.shape[1]
@@ -677,16 +758,25 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t acc_size = q_block * g.image_cells * samples_per_tile if interleaved else 0
     cdef floating one = 1, zero = 0
+    cdef Tap* taps = NULL
+    cdef floating* phase_acc = NULL
+    cdef size_t taps_bytes = aligned(K * sizeof(Tap)) if phased else 0
 
     with nogil:
-        if not (interleaved or exact_cover):  # (those store every output element themselves)
+        if not (interleaved or exact_cover or phased):  # (those store every output element themselves)
             for b in range(n):
                 fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
         workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
                         (P * cols_per_tile + acc_size) * sizeof(floating) if folded else 0,
-                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile),
+                        taps_bytes + phased_acc_size(&g) * sizeof(floating) if phased else 0)
         cols = <floating*>ws.cols
         acc = <floating*>ws.packed + P * cols_per_tile
+        if phased:
+            taps = <Tap*>ws.scratch
+            phase_acc = <floating*>(<unsigned char*>ws.scratch + taps_bytes)
+            for b in range(K):
+                tap_at(&g, b, &taps[b])
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -720,6 +810,11 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
                                      y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
                                      g.image_cells, &t, ws.rows, n_rows,
                                      bias_ptr + gi * Q + q0 if has_bias else NULL)
+                    elif phased:
+                        col2im_phased(&g, cols, t.cols, qb * K,
+                                      y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
+                                      g.image_cells, &t, taps,
+                                      bias_ptr + gi * Q + q0 if has_bias else NULL, phase_acc)
                     else:
                         col2im_scatter(&g, cols, t.cols, qb * K,
                                        y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,

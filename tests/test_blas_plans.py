@@ -41,6 +41,8 @@ KW = dict(stride=2, padding=1, output_padding=1, groups=GROUPS)
 PATHS = {
     "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=7), "columns per GEMM"),
     "folded_plain": (dict(INTERLEAVE_MIN_SAMPLES=10**9), "samples folded per GEMM"),
+    # col2im adding strided runs into the output instead of the phase-major accumulator
+    "folded_unphased": (dict(INTERLEAVE_MIN_SAMPLES=10**9, PHASED_MAX_BYTES=0), "samples folded per GEMM"),
     "folded_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2), "sample-minor"),
     # col2im's budget too small for all output channels at once (set per ndim below)
     "channel_blocks_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2, MIN_GEMM_COLUMNS=10**9,
@@ -103,6 +105,8 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
         assert described in plan.describe(), plan
     if path == "channel_blocks_interleaved":
         assert plans[0].row_block < C_OUT // GROUPS, plans[0]
+    if path.startswith("folded_"):
+        assert plans[0].phased == (path == "folded_plain"), plans[0]
     expected = _everything(x, w, wc, b, ndim, "numpy")
     for g, e in zip(got, expected):
         assert_close(g, e)
@@ -246,6 +250,43 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, asse
     expected = oracle.conv_transpose_loops(
         x, w, b, stride=(2,) * ndim, pad_begin=(padding,) * ndim, pad_end=(padding,) * ndim,
         output_padding=(output_padding,) * ndim, dilation=(1,) * ndim, groups=2)
+    assert_close(got, expected)
+
+
+# col2im_phased: whole samples, each channel accumulated with image rows stored
+# phase-major. Strides that differ per dim, dilation, and padding that puts
+# the edge cells' outer taps off the image; stride 1 is one phase.
+PHASED_CASES = {  # name: (stride, padding, output_padding, dilation)
+    "mixed_strides": ((3, 2, 2), 3, 1, 2),
+    "stride_one": (1, 1, 0, 1),
+    "stride_past_kernel": (4, 0, 2, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PHASED_CASES))
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("fold", [True, False])
+def test_phased_col2im_matches_the_definition(case, ndim, fold, assert_close):
+    stride, padding, output_padding, dilation = PHASED_CASES[case]
+    stride = (stride,) * ndim if isinstance(stride, int) else stride[-ndim:]
+    rng = np.random.default_rng(ndim)
+    n = 5 if fold else 1
+    x = rng.standard_normal((n, 4) + (3,) * ndim).astype(np.float32)
+    w = rng.standard_normal((4, 3) + (3,) * ndim).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=2)
+    got = getattr(tconv, f"conv_transpose{ndim}d")(x, w, b, **kwargs, backend="blas")
+    lead = 3 - ndim
+    geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
+                    kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + tuple(stride),
+                    dilation=(1,) * lead + (dilation,) * ndim, pad_begin=(0,) * lead + (padding,) * ndim,
+                    groups=2)
+    assert blas_backend.scatter_route(geom, 2) == "col2im"
+    plan = blas_backend.scatter_plan(geom, n, 2, 3, 4)
+    assert plan.phased and (plan.samples_per_tile > 1) == fold, plan
+    expected = oracle.conv_transpose_loops(
+        x, w, b, stride=tuple(stride), pad_begin=(padding,) * ndim, pad_end=(padding,) * ndim,
+        output_padding=(output_padding,) * ndim, dilation=(dilation,) * ndim, groups=2)
     assert_close(got, expected)
 
 
