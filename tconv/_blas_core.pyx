@@ -351,7 +351,8 @@ cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols
 # samples, each channel's image is instead accumulated in a buffer whose rows
 # are stored phase-major (image column n * s + r at r * phase_len + n), where
 # every tap's grid row is one contiguous run; a strided store then writes each
-# image element once, bias included, so the output needs no fill beforehand.
+# image element once, so the output needs no fill beforehand. The accumulator
+# starts at the bias and adds the taps in col2im_scatter's order: same bits.
 
 cdef inline Py_ssize_t phase_len(const Geom* g) noexcept nogil:
     """Accumulator elements per phase of an image row: ceil(W / stride)."""
@@ -390,7 +391,10 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
     cdef floating value
     for s in range(t.nt):
         for c in range(channels):
-            memset(acc, 0, image_rows * acc_row * sizeof(floating))
+            # starting at the bias, each element sums its terms in col2im_scatter's order
+            value = bias[c] if bias != NULL else 0
+            for i in range(image_rows * acc_row):
+                acc[i] = value
             for k in range(g.taps):
                 tap = &taps[k]
                 lo, hi = tap.first[2], tap.last[2] + 1
@@ -406,14 +410,13 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
                         src_row = src + (ld * g.grid[1] + lh) * g.grid[2]
                         for lw in range(lo, hi):
                             dst_row[lw] += src_row[lw]
-            value = bias[c] if bias != NULL else 0
             out = image + (t.n0 + s) * image_stride_n + c * image_stride_c
             for i in range(image_rows):
                 for r in range(sw):
                     acc_run = acc + i * acc_row + r * plen
                     count = (W - r + sw - 1) // sw
                     for n in range(count):
-                        out[i * W + n * sw + r] = acc_run[n] + value
+                        out[i * W + n * sw + r] = acc_run[n]
 
 
 @cython.boundscheck(False)

@@ -290,6 +290,24 @@ def test_phased_col2im_matches_the_definition(case, ndim, fold, assert_close):
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("case", sorted(PHASED_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_phased_col2im_adds_in_the_plain_order(monkeypatch, case, dtype):
+    """The phase-major accumulator starts at the bias and adds the taps in the plain
+    col2im's order: the same bits, with or without it."""
+    stride, padding, output_padding, dilation = PHASED_CASES[case]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 6, 5)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    kwargs = dict(stride=stride if isinstance(stride, int) else stride[1:], padding=padding,
+                  output_padding=output_padding, dilation=dilation, groups=2)
+    phased = tconv.conv_transpose2d(x, w, b, **kwargs, backend="blas")
+    monkeypatch.setattr(blas_backend, "PHASED_MAX_BYTES", 0)
+    blas_backend.clear_plan_caches()
+    assert np.array_equal(tconv.conv_transpose2d(x, w, b, **kwargs, backend="blas"), phased)
+
+
 def test_samples_with_large_grids_are_not_folded(assert_close):
     """A sample of FOLD_MAX_CELLS grid cells or more makes a wide GEMM alone: no folding
     (which would copy the tile's input), whatever room the cache tile leaves."""

@@ -208,10 +208,13 @@ TWO_PHASE = dict(MIN_DIRECT_TASKS=10**9)  # scatter without enough direct tasks
 def _plan_path(path: str, ndim: int) -> dict:
     taps, cells = 3**ndim, SIZE[ndim] ** ndim
     folded = dict(MIN_FOLDED_TASKS=1, TARGET_WIDTH=2 * cells + 1, INTERLEAVE_MIN_SAMPLES=10**9)
-    tiles = dict(FOLD_BELOW=0, MIN_TILE=7, TARGET_WIDTH=7, TARGET_TASKS=10**6)
+    tiles = dict(FOLD_BELOW=0, MIN_TILE=7, TARGET_WIDTH=7, TARGET_TASKS=10**6, PHASED_MAX_BYTES=0)
     return {
-        # 2-3 samples per GEMM, the last tile partial
+        # 2-3 samples per GEMM, the last tile partial (direct scatter: phased col2im)
         "folded": folded,
+        "folded_unphased": {**folded, "PHASED_MAX_BYTES": 0},
+        # one whole sample per GEMM, phased col2im
+        "whole_samples": dict(FOLD_BELOW=0, TARGET_WIDTH=7),
         # the same, columns sample-minor (direct scatter)
         "folded_interleaved": {**folded, "INTERLEAVE_MIN_SAMPLES": 2},
         "folded_two_phase": {**folded, **TWO_PHASE},
@@ -230,7 +233,7 @@ def _plan_path(path: str, ndim: int) -> dict:
     }[path]
 
 
-PATHS = ["folded", "folded_interleaved", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
+PATHS = ["folded", "folded_unphased", "whole_samples", "folded_interleaved", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
          "row_chunks", "chunk_by_channels", "chunk_by_cells", "small_blocks"]
 
 
@@ -254,6 +257,28 @@ def test_openmp_every_plan_path_agrees_with_numpy(openmp, monkeypatch, restore_t
         assert_close(g, e)
 
 
+@pytest.mark.parametrize("path", ["folded", "whole_samples"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_openmp_phased_col2im_adds_in_the_plain_order(openmp, monkeypatch, restore_threads, path, ndim):
+    """The phase-major accumulator starts at the bias and adds the taps in
+    col2im_add_tile's order: the same bits as without it."""
+    from tconv_openmp import _plan
+
+    for attr, value in _plan_path(path, ndim).items():
+        monkeypatch.setattr(_plan, attr, value)
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(2)
+    x, w, _, b, _ = _case(np.random.default_rng(ndim), ndim, n=N, c_in=C_IN, c_out=C_OUT, groups=G,
+                       size=SIZE[ndim], kernel=3, stride=2, dilation=2, dtype=np.float32)
+    call = getattr(tconv, f"conv_transpose{ndim}d")
+    kw = dict(stride=2, padding=1, output_padding=1, dilation=2, groups=G, backend="openmp")
+    phased = call(x, w, b, **kw)
+    monkeypatch.setattr(_plan, "PHASED_MAX_BYTES", 0)
+    if path == "whole_samples":  # the same tiles without it: whole samples still
+        monkeypatch.setattr(_plan, "TARGET_WIDTH", 10**6)
+    assert np.array_equal(call(x, w, b, **kw), phased)
+
+
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
     """Each budget above cuts the transposed forward call (and its gradients) as its name says."""
@@ -261,20 +286,26 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
 
     p, q, taps, cells = C_IN // G, C_OUT // G, 3**ndim, SIZE[ndim] ** ndim
     image_cells = (2 * SIZE[ndim] - 1) ** ndim  # stride 2, kernel 3, padding 1
+    image = (1,) * (3 - ndim) + (2 * SIZE[ndim] - 1,) * ndim
 
     def plans(path):
         with monkeypatch.context() as patch:
             for attr, value in _plan_path(path, ndim).items():
                 patch.setattr(_plan, attr, value)
-            return (_plan.scatter_plan(N, G, p, q, taps, cells, image_cells, 8),
+            return (_plan.scatter_plan(N, G, p, q, taps, cells, image_cells, 8,
+                                       _plan.phased_acc_size(image, 2)),
                     _plan.gather_plan(N, G, q * taps, p, cells, q * image_cells, 8),
                     _plan.weight_grad_plan(N, G, q * taps, p, cells, taps, image_cells, 8))
 
     scatter, gather, grad = plans("folded")
     assert scatter.direct and scatter.tiling.fold > 1 and N % scatter.tiling.fold
-    assert not scatter.interleaved
+    assert not scatter.interleaved and scatter.phased
     assert gather.tiling.fold > 1 and grad.tiling.fold > 1
     assert not gather.interleaved and not grad.interleaved
+    scatter, gather, grad = plans("folded_unphased")
+    assert scatter.direct and scatter.tiling.fold > 1 and not scatter.interleaved and not scatter.phased
+    scatter, gather, grad = plans("whole_samples")
+    assert scatter.direct and scatter.phased and scatter.tiling.fold == 1 and scatter.tiling.tile == cells
     scatter, gather, grad = plans("folded_interleaved")
     assert scatter.direct and scatter.interleaved and N % scatter.tiling.fold
     assert gather.interleaved and grad.interleaved and gather.tiling.fold > 1 and grad.tiling.fold > 1
@@ -282,7 +313,7 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
     assert not scatter.direct and scatter.tiling.fold > 1 and scatter.samples % scatter.tiling.fold
     for path in ("column_tiles", "column_tiles_two_phase"):
         scatter, gather, grad = plans(path)
-        assert scatter.direct == (path == "column_tiles") and scatter.tiling.fold == 1
+        assert scatter.direct == (path == "column_tiles") and scatter.tiling.fold == 1 and not scatter.phased
         assert cells % scatter.tiling.tile and scatter.tiling.tile < cells
         assert gather.tiling.fold == 1 and cells % gather.tiling.tile
     scatter, gather, grad = plans("channel_blocks")

@@ -352,6 +352,68 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                         a0 += 1
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void col2im_phased_tile(const floating* cols, Py_ssize_t channels, const Tile* tile,
+                             floating* out, Py_ssize_t sample_stride, const Sizes* s,
+                             const Tables* t, const floating* bias, floating* acc) noexcept nogil:
+    """Write a tile of whole samples into the image (not filled first): the core's
+    ``col2im_phased``. Per sample and channel, ``acc`` (``_plan.phased_acc_size``
+    elements) holds the image with each row stored phase-major (column
+    ``m * stride_w + r`` at ``r * phase_len + m``), starts at ``bias[c]`` (or 0)
+    and takes each tap's grid lines as contiguous runs, in col2im_add_tile's
+    order; one strided store writes each element once.
+    """
+    cdef Py_ssize_t K = s.taps, K1 = s.kernel[1], K2 = s.kernel[2]
+    cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2], L = s.grid_cells
+    cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2], sw = s.stride_w
+    cdef Py_ssize_t phase_len = (I2 + sw - 1) // sw
+    cdef Py_ssize_t acc_line = sw * phase_len, lines = s.image[0] * I1
+    cdef Py_ssize_t i, c, k, k0, k1, k2, a0, a1, i0, i1, lo, hi, u, x, r, m, count, phase, shift
+    cdef const floating* src
+    cdef const floating* run
+    cdef const floating* acc_run
+    cdef floating* line
+    cdef floating* dst
+    cdef floating value
+    for i in range(tile.samples):
+        for c in range(channels):
+            value = bias[c] if bias != NULL else 0
+            for x in range(lines * acc_line):
+                acc[x] = value
+            for k in range(K):
+                k0 = k // (K1 * K2)
+                k1 = (k // K2) % K1
+                k2 = k % K2
+                lo, hi = t.first_w[k2], t.last_w[k2]
+                if hi < lo:
+                    continue
+                # image column u * sw + offset = (u + q) * sw + phase: at phase * phase_len + u + q
+                phase = ((t.offset_w[k2] % sw) + sw) % sw
+                shift = phase * phase_len + (t.offset_w[k2] - phase) // sw
+                src = cols + (c * K + k) * tile.width + i * L
+                for a0 in range(G0):
+                    i0 = t.map0[k0 * G0 + a0]
+                    if i0 < 0:
+                        continue
+                    for a1 in range(G1):
+                        i1 = t.map1[k1 * G1 + a1]
+                        if i1 < 0:
+                            continue
+                        line = acc + (i0 * I1 + i1) * acc_line + shift
+                        run = src + (a0 * G1 + a1) * G2
+                        for u in range(lo, hi + 1):
+                            line[u] += run[u]
+            dst = out + i * sample_stride + c * I
+            for x in range(lines):
+                for r in range(sw):
+                    acc_run = acc + x * acc_line + r * phase_len
+                    count = (I2 - r + sw - 1) // sw
+                    for m in range(count):
+                        dst[x * I2 + m * sw + r] = acc_run[m]
+
+
 # --------------------------------------------------------------------------- #
 # sample-minor tiles (folded samples, short grid rows)
 # --------------------------------------------------------------------------- #
@@ -584,7 +646,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                    tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w,
                    Py_ssize_t n, Py_ssize_t groups, Py_ssize_t p, Py_ssize_t q, tuple tables,
                    Py_ssize_t block, Py_ssize_t fold, Py_ssize_t tile, Py_ssize_t per_thread,
-                   bint interleaved, bint exact_cover, int threads):
+                   bint interleaved, bint exact_cover, bint phased, int threads):
     """col2im with tasks that own their outputs: (group, samples, block of channels).
 
     Each task walks its column tiles in order: one GEMM into its own buffer
@@ -596,6 +658,8 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
     accumulator after the packed operand, stored once at the end.
     ``exact_cover`` (not with ``interleaved``): taps cover the image once, so
     col2im writes bias + term and the outputs are not filled first.
+    ``phased`` (whole-sample tiles, sample-major): col2im through a phase-major
+    accumulator after the packed operand (``col2im_phased_tile``), no fill either.
     """
     cdef Sizes s = make_sizes(image, grid, kernel, stride_w)
     cdef Tables t = make_tables(tables)
@@ -641,7 +705,7 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                                   groups * q * I)
                 continue
             # the task's outputs start at bias (or zero), unless col2im writes them all
-            for i in range(samples if not exact_cover else 0):
+            for i in range(samples if not (exact_cover or phased) else 0):
                 for c in range(nq):
                     value = bias[gi * q + q0 + c] if has_bias else zero
                     dst = y + (((first + i) * groups + gi) * q + q0 + c) * I
@@ -665,6 +729,11 @@ def scatter_direct(const floating[::1] grid_in, const floating[::1] weight,
                 # q0*K. C = cols^T: col-major (width x nq*K) = row-major (nq*K x width).
                 gemm(c'N', c'T', tl.width, nq * K, p, operand, lda,
                      w + gi * p * q * K + q0 * K, q * K, zero, buf, tl.width)
+                if phased:
+                    col2im_phased_tile(buf, nq, &tl, y + ((tl.sample * groups + gi) * q + q0) * I,
+                                       groups * q * I, &s, &t, &bias[gi * q + q0] if has_bias else NULL,
+                                       packed + (p * tl.width if tl.samples > 1 else 0))
+                    continue
                 col2im_add_tile(buf, nq, &tl, y + ((tl.sample * groups + gi) * q + q0) * I,
                                 groups * q * I, &s, &t, exact_cover,
                                 &bias[gi * q + q0] if has_bias and exact_cover else NULL)

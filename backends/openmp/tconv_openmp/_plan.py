@@ -41,6 +41,10 @@ DIRECT_TASKS = 8
 #: columns sample-minor: col2im then adds runs of that many contiguous values
 #: (into a per-thread accumulator) instead of walking grid rows a few cells long.
 INTERLEAVE_MIN_SAMPLES = 4
+#: Direct ``scatter`` tasks over whole samples (sample-major) run col2im through
+#: a phase-major accumulator of one channel's image (the core's
+#: ``col2im_phased``) when it takes at most this many bytes.
+PHASED_MAX_BYTES = 256 << 10
 #: A GEMM narrower than this many rows wastes BLAS's kernels.
 MIN_GEMM_ROWS = 32
 #: Row blocks of ``weight_grad`` (each re-reads the grid input).
@@ -132,23 +136,36 @@ class ScatterPlan:
     shared: int  # elements of the shared column buffer (two phases)
     per_thread: int  # elements of each thread's buffers
     interleaved: bool = False  # direct, folded: columns sample-minor, per-thread accumulator
+    phased: bool = False  # direct, whole samples sample-major: phase-major col2im accumulator
+
+
+def phased_acc_size(image: tuple, stride_w: int) -> int:
+    """Elements of the phase-major accumulator: one channel's image, each row
+    padded to a whole number of stride phases."""
+    return image[0] * image[1] * stride_w * _ceil_div(image[2], stride_w)
 
 
 def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, image_cells: int,
-                 itemsize: int) -> ScatterPlan:
+                 itemsize: int, phased_acc: int = 0) -> ScatterPlan:
+    """``phased_acc``: elements of the phase-major accumulator (0 where col2im
+    must not use it: taps that cover the image exactly write it directly)."""
     budget = THREAD_WORKSPACE_BYTES // itemsize
     fold = min(n, _ceil_div(TARGET_WIDTH, cells)) if cells < FOLD_BELOW else 1
     fold = min(fold, max(1, budget // (2 * max(p, taps) * cells)))
-    width = fold * cells if fold > 1 else min(cells, TARGET_WIDTH)
+    interleaved = fold >= INTERLEAVE_MIN_SAMPLES
+    # whole samples per tile (sample-major): col2im can go through the phased accumulator
+    phased = (not interleaved and 0 < phased_acc * itemsize <= PHASED_MAX_BYTES
+              and (fold > 1 or taps * cells + phased_acc <= budget))
+    width = fold * cells if fold > 1 else (cells if phased else min(cells, TARGET_WIDTH))
     units = groups * (_ceil_div(n, fold) if fold > 1 else n)
     packed = p * width if fold > 1 else 0
-    interleaved = fold >= INTERLEAVE_MIN_SAMPLES
+    scratch = packed + (phased_acc if phased else 0)
     per_channel = taps * width + (image_cells * fold if interleaved else 0)  # GEMM rows (+ accumulator)
     block = min(q, max(_ceil_div(MIN_GEMM_ROWS, taps), _ceil_div(q * units, DIRECT_TASKS)))
-    block = max(1, min(block, (budget - packed) // per_channel))
+    block = max(1, min(block, (budget - scratch) // per_channel))
     if units * _ceil_div(q, block) >= MIN_DIRECT_TASKS:
         tiles = Tiling(fold, cells) if fold > 1 else Tiling(1, width)
-        return ScatterPlan(True, block, 0, 0, 0, tiles, 0, block * per_channel + packed, interleaved)
+        return ScatterPlan(True, block, 0, 0, 0, tiles, 0, block * per_channel + scratch, interleaved, phased)
 
     shared_budget = max(groups * taps, SHARED_WORKSPACE_BYTES // itemsize)
     per_sample = groups * q * taps * cells

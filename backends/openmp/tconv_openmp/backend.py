@@ -71,6 +71,12 @@ def _tables(geom: Geometry) -> tuple:
     return tables
 
 
+def _phased_acc(geom: Geometry) -> int:
+    """The phased col2im accumulator's elements, 0 where the taps write the image
+    exactly once (``covers_exactly``: nothing to accumulate)."""
+    return 0 if covers_exactly(geom) else _plan.phased_acc_size(geom.image, geom.stride[2])
+
+
 # Work buffers are cached per calling thread and reused (see the core's
 # ``_blas_core`` for why: freed multi-MiB blocks go back to the system, and
 # faulting them in again on every call cost as much as a small layer's work).
@@ -176,10 +182,11 @@ class OpenMPBackend(Backend):
             return f"{parts} batch parts on the thread pool, each core: {_CORE.describe_plan(primitive, *part)}"
         if primitive == "scatter":
             p, q = c // g, second.shape[1]
-            plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), itemsize)
+            plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), itemsize,
+                                      _phased_acc(geom))
             how = (f"direct tasks of {plan.block} output channels" if plan.direct
                    else "two phases: GEMMs into a shared buffer, then col2im by output lines")
-            sample_minor = ", sample-minor" if plan.interleaved else ""
+            sample_minor = ", sample-minor" if plan.interleaved else ", phased col2im" if plan.phased else ""
             return f"openmp col2im, {how}, {plan.tiling.describe()}{sample_minor}"
         p, q = c // g, (second.shape[0] if primitive == "gather" else second.shape[1]) // g
         if primitive == "gather":
@@ -212,7 +219,8 @@ class OpenMPBackend(Backend):
         taps = math.prod(geom.kernel)
         kernels = _kernels()
         dtype = grid_in.dtype
-        plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize)
+        plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize,
+                                  _phased_acc(geom))
         tiling = plan.tiling
         out = np.empty((n, g * q, *geom.image), dtype=dtype)
         bias_array, has_bias = _bias(bias, dtype)
@@ -225,7 +233,7 @@ class OpenMPBackend(Backend):
                 _flat(grid_in), _flat(weight), bias_array, has_bias, _flat(out), work,
                 geom.image, geom.grid, geom.kernel, geom.stride[2], n, g, p, q, _tables(geom),
                 plan.block, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved,
-                covers_exactly(geom) and not plan.interleaved, threads,
+                covers_exactly(geom) and not plan.interleaved, plan.phased, threads,
             )
             return out
         _plan.check_blas_ints(cells, q * taps, p, plan.samples * plan.cells)
