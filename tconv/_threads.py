@@ -44,7 +44,13 @@ def forget_blas_threads() -> None:
 
 
 def set_blas_threads(n: int) -> None:
-    """Set every loaded BLAS to ``n`` threads (no-op when tconv already set ``n``)."""
+    """Set every loaded BLAS to ``n`` threads (no-op when tconv already set ``n``).
+
+    The count is process-wide, and OpenBLAS (0.3.30, measured) ignores it when
+    set from a thread other than the main one: ``n`` is remembered only once
+    every library reports it, so a call from a worker thread that did not take
+    leaves the next caller to set it again.
+    """
     global _current
     if _current == n:
         return
@@ -52,5 +58,6 @@ def set_blas_threads(n: int) -> None:
     with _lock:
         for lib in blas.lib_controllers:
             lib.set_num_threads(n)
-        _current = n
+        took = all(lib.get_num_threads() == n for lib in blas.lib_controllers)
+        _current = n if took else None
 

@@ -492,6 +492,27 @@ def test_openmp_never_threads_blas(openmp, restore_threads, route):
         assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
 
 
+def test_openmp_backward_batch_parts_leave_blas_at_one_thread(openmp, monkeypatch, restore_threads):
+    """The batch parts run on pool threads, whose BLAS thread setting OpenBLAS ignores
+    (only the main thread's counts): the calling thread sets it, even right after the
+    ``blas`` backend set it to two (which once left the parts' GEMMs threaded, 2.5x slower)."""
+    from threadpoolctl import threadpool_info
+
+    from tconv_openmp import _plan
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 8, 9, 9)), rng.standard_normal((8, 8, 3, 3))
+    tconv.set_num_threads(2)
+    y = tconv.conv_transpose2d(x, w, stride=2, backend="blas")
+    for _ in range(2):  # the second time, after the pool threads set their (ignored) count
+        tconv.conv_transpose2d_backward(y, x, w, stride=2, backend="blas")
+        tconv.conv_transpose2d_backward(y, x, w, stride=2, backend="openmp")
+        blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+        assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
+
+
 def test_openmp_refuses_gemm_sizes_beyond_blas_ints(openmp):
     from tconv_openmp import _plan
 

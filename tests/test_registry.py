@@ -256,3 +256,21 @@ def test_set_num_threads_refuses_non_positive_and_non_integers(restore_threads, 
         tconv.set_num_threads(bad)
     assert str(bad) in str(info.value) or repr(bad) in str(info.value)
     assert tconv.get_num_threads() == before
+
+
+def test_a_blas_thread_count_that_did_not_take_is_not_remembered():
+    """OpenBLAS ignores a thread count set from a worker thread: tconv must not then
+    skip setting it from the main thread (it once left BLAS threaded under OpenMP)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from tconv import _threads
+
+    _threads.set_blas_threads(2)
+    worker = threading.Thread(target=_threads.set_blas_threads, args=(1,))
+    worker.start()
+    worker.join()
+    _threads.set_blas_threads(1)
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas), blas

@@ -300,7 +300,10 @@ class OpenMPBackend(Backend):
             _CORE.gather_and_weight_grad_into(image_in[rows], weight, grid_in[rows], geom,
                                               grad_image[rows], grad_weight[i])
 
-        for future in [_pool().submit(run_part, i) for i in range(parts)]:  # (_CORE sets BLAS to 1 thread)
+        # BLAS at one thread for the parts' GEMMs, set here: OpenBLAS ignores a count
+        # set from another thread than the main one, so the pool threads cannot
+        _threads.set_blas_threads(1)
+        for future in [_pool().submit(run_part, i) for i in range(parts)]:
             future.result()
         total = grad_weight[0]
         for i in range(1, parts):  # in part order, whichever thread ran which part
