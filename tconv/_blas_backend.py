@@ -90,7 +90,7 @@ class TilePlan:
     n_tiles: int
     row_block: int  # scatter: output channels per GEMM (all of them unless the kernel is huge)
     interleaved: bool = False  # scatter: folded columns ordered sample-minor (see _blas_core)
-    phased: bool = False  # scatter: whole samples, col2im through a phase-major accumulator
+    phased: bool = False  # whole samples: col2im / im2col through phase-major channels
 
     def describe(self) -> str:
         if self.samples_per_tile > 1:
@@ -100,7 +100,7 @@ class TilePlan:
         else:
             how = f"{self.cols_per_tile} columns per GEMM"
         if self.phased:
-            how += ", phased col2im"
+            how += ", phase-major channels"
         return f"{how}, {self.n_tiles} tiles"
 
 
@@ -199,10 +199,17 @@ def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TileP
     # sample-minor: an accumulator of q image-sized channels per sample
     plan = _sample_minor(plan, lambda extra: plan_tiles(
         n, grid_cells, q * taps, p + extra, itemsize, row_unit=taps, row_units=q), q, geom)
-    whole_samples = plan.samples_per_tile > 1 or plan.cols_per_tile >= grid_cells
-    if (whole_samples and not plan.interleaved and not covers_exactly(geom)
+    return _phased(plan, geom, itemsize) if not covers_exactly(geom) else plan
+
+
+def _phased(plan: TilePlan, geom: Geometry, itemsize: int, min_stride: int = 1) -> TilePlan:
+    """``plan`` with ``phased`` set where its tiles hold whole samples in sample-major
+    order, the stride along the last dim is at least ``min_stride`` and one channel's
+    phase-major image fits ``PHASED_MAX_BYTES``."""
+    whole_samples = plan.samples_per_tile > 1 or plan.cols_per_tile >= math.prod(geom.grid)
+    if (whole_samples and not plan.interleaved and geom.stride[2] >= min_stride
             and phased_acc_bytes(geom, itemsize) <= PHASED_MAX_BYTES):
-        plan = dataclasses.replace(plan, phased=True)
+        return dataclasses.replace(plan, phased=True)
     return plan
 
 
@@ -240,6 +247,7 @@ def gather_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> tuple[
     if not identity:  # (a 1x1 convolution has no im2col to speed up)
         plan = _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize),
                              p, geom)
+        plan = _phased(plan, geom, itemsize, min_stride=2)  # (at stride 1 im2col copies runs already)
     return plan, identity
 
 
@@ -249,7 +257,8 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
     _check_blas_ints(grid_cells, p * taps, q)
     plan = plan_tiles(n, grid_cells, p * taps, q, itemsize)
-    return _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize), p, geom)
+    plan = _sample_minor(plan, lambda extra: plan_tiles(n, grid_cells, p * taps, q + extra, itemsize), p, geom)
+    return _phased(plan, geom, itemsize, min_stride=2)
 
 
 def clear_plan_caches() -> None:
@@ -360,7 +369,7 @@ class BlasBackend(Backend):
         self._set_blas_threads()
         _blas_core.gather(
             image_in, weight, *_bias_arg(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity, plan.interleaved,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, identity, plan.interleaved, plan.phased,
         )
         return out
 
@@ -374,7 +383,7 @@ class BlasBackend(Backend):
         self._set_blas_threads()
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
         )
         return out
 
@@ -405,7 +414,7 @@ class BlasBackend(Backend):
         self._set_blas_threads()
         _blas_core.gather_and_weight_grad(
             image_in, weight, grid_in, grad_image, grad_weight, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved,
+            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
         )
 
 

@@ -364,6 +364,33 @@ cdef inline Py_ssize_t phased_acc_size(const Geom* g) noexcept nogil:
     return g.image[0] * g.image[1] * g.stride[2] * phase_len(g)
 
 
+cdef inline size_t phased_scratch_bytes(const Geom* g, size_t itemsize) noexcept nogil:
+    """Workspace scratch of the phased kernels: the tap table, then one channel's
+    phase-major image."""
+    return aligned(g.taps * sizeof(Tap)) + phased_acc_size(g) * itemsize
+
+
+cdef inline Tap* tap_table(const Geom* g, void* scratch) noexcept nogil:
+    """Fill the tap table at the start of ``scratch`` (``phased_scratch_bytes``)."""
+    cdef Tap* taps = <Tap*>scratch
+    cdef Py_ssize_t k
+    for k in range(g.taps):
+        tap_at(g, k, &taps[k])
+    return taps
+
+
+cdef inline void* phased_buffer(const Geom* g, void* scratch) noexcept nogil:
+    """The phase-major channel buffer, after the tap table in ``scratch``."""
+    return <unsigned char*>scratch + aligned(g.taps * sizeof(Tap))
+
+
+cdef inline Py_ssize_t phase_shift(Py_ssize_t offset, Py_ssize_t sw, Py_ssize_t plen) noexcept nogil:
+    """Where image column ``lw * sw + offset`` = ``(lw + q) * sw + r`` sits in a
+    phase-major row, less ``lw``: ``r * plen + q``."""
+    cdef Py_ssize_t q = floor_div(offset, sw)
+    return (offset - q * sw) * plen + q
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -400,8 +427,7 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
                 lo, hi = tap.first[2], tap.last[2] + 1
                 if hi <= lo:
                     continue
-                # image column lw * sw + offset = (lw + q) * sw + r: phase r, index lw + q
-                shift = (tap.offset[2] - floor_div(tap.offset[2], sw) * sw) * plen + floor_div(tap.offset[2], sw)
+                shift = phase_shift(tap.offset[2], sw, plen)
                 src = cols + (c * g.taps + k) * tile_cols + s * t.lt
                 for ld in range(tap.first[0], tap.last[0] + 1):
                     for lh in range(tap.first[1], tap.last[1] + 1):
@@ -417,6 +443,58 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
                     count = (W - r + sw - 1) // sw
                     for n in range(count):
                         out[i * W + n * sw + r] = acc_run[n]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef void im2col_phased(const Geom* g, const floating* image, Py_ssize_t image_stride_n,
+                        Py_ssize_t image_stride_c, Py_ssize_t rows, floating* cols,
+                        Py_ssize_t tile_cols, const Tile* t, const Tap* taps,
+                        floating* phased_image) noexcept nogil:
+    """``im2col_gather`` for a tile of whole samples, through a phase-major copy of
+    each channel (``phased_image``, ``phased_acc_size`` elements): one strided read
+    per image element, then every tap's grid row is a contiguous copy (the plain
+    gather reads each element kernel/stride times with a stride). Same columns.
+    """
+    cdef Py_ssize_t channels = rows // g.taps
+    cdef Py_ssize_t sw = g.stride[2], W = g.image[2], Wg = g.grid[2]
+    cdef Py_ssize_t plen = phase_len(g), acc_row = sw * phase_len(g)
+    cdef Py_ssize_t image_rows = g.image[0] * g.image[1]
+    cdef Py_ssize_t s, c, k, ld, lh, lo, hi, shift, r, n, i, count
+    cdef const Tap* tap
+    cdef const floating* src
+    cdef const floating* src_row
+    cdef floating* dst
+    cdef floating* line
+    cdef floating* run
+    for c in range(channels):
+        for s in range(t.nt):
+            src = image + (t.n0 + s) * image_stride_n + c * image_stride_c
+            for i in range(image_rows):
+                for r in range(sw):
+                    run = phased_image + i * acc_row + r * plen
+                    count = (W - r + sw - 1) // sw
+                    for n in range(count):
+                        run[n] = src[i * W + n * sw + r]
+            for k in range(g.taps):
+                tap = &taps[k]
+                lo, hi = tap.first[2], tap.last[2] + 1
+                if hi < lo:
+                    lo = hi = 0
+                shift = phase_shift(tap.offset[2], sw, plen)
+                dst = cols + (c * g.taps + k) * tile_cols + s * t.lt
+                for ld in range(g.grid[0]):
+                    for lh in range(g.grid[1]):
+                        line = dst + (ld * g.grid[1] + lh) * Wg
+                        if tap_misses_row(tap, ld, lh):
+                            memset(line, 0, Wg * sizeof(floating))
+                            continue
+                        src_row = phased_image + ((ld * g.stride[0] + tap.offset[0]) * g.image[1]
+                                                  + lh * g.stride[1] + tap.offset[1]) * acc_row + shift
+                        memset(line, 0, lo * sizeof(floating))
+                        memcpy(line + lo, src_row + lo, (hi - lo) * sizeof(floating))
+                        memset(line + hi, 0, (Wg - hi) * sizeof(floating))
 
 
 @cython.boundscheck(False)
@@ -763,7 +841,6 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef floating one = 1, zero = 0
     cdef Tap* taps = NULL
     cdef floating* phase_acc = NULL
-    cdef size_t taps_bytes = aligned(K * sizeof(Tap)) if phased else 0
 
     with nogil:
         if not (interleaved or exact_cover or phased):  # (those store every output element themselves)
@@ -772,14 +849,12 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
         workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
                         (P * cols_per_tile + acc_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
-                        taps_bytes + phased_acc_size(&g) * sizeof(floating) if phased else 0)
+                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
         cols = <floating*>ws.cols
         acc = <floating*>ws.packed + P * cols_per_tile
         if phased:
-            taps = <Tap*>ws.scratch
-            phase_acc = <floating*>(<unsigned char*>ws.scratch + taps_bytes)
-            for b in range(K):
-                tap_at(&g, b, &taps[b])
+            taps = tap_table(&g, ws.scratch)
+            phase_acc = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -830,13 +905,17 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
 @cython.wraparound(False)
 cdef void tile_columns(const Geom* g, const floating* image, Py_ssize_t c_img, Py_ssize_t P, const Tile* t,
                        const Row* rows, Py_ssize_t n_rows, bint interleaved, floating* image_tile,
-                       floating* cols) noexcept nogil:
+                       const Tap* taps, floating* phased_image, floating* cols) noexcept nogil:
     """im2col of one tile of one group: ``cols`` (P*K rows of t.cols columns) from
     ``image`` (the group's first channel of sample 0), sample-minor when ``interleaved``
-    (the tile's image is first packed into ``image_tile``)."""
+    (the tile's image is first packed into ``image_tile``), through a phase-major
+    copy when ``taps`` is not NULL (whole samples: ``im2col_phased``)."""
     if interleaved:
         pack_interleaved(image, c_img * g.image_cells, P, g.image_cells, image_tile, g.image_cells * t.nt, t)
         im2col_gather_interleaved(g, image_tile, P * g.taps, cols, t.cols, t.nt)
+    elif taps != NULL:
+        im2col_phased(g, image, c_img * g.image_cells, g.image_cells, P * g.taps, cols, t.cols, t, taps,
+                      phased_image)
     else:
         im2col_gather(g, image, c_img * g.image_cells, g.image_cells, P * g.taps, cols, t.cols, t, rows, n_rows)
 
@@ -900,13 +979,14 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
            const floating[::1] bias, bint has_bias, floating[:, :, :, :, ::1] out,
            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-           Py_ssize_t n_tiles, bint identity_map, bint interleaved):
+           Py_ssize_t n_tiles, bint identity_map, bint interleaved, bint phased):
     """im2col: ``out = bias + W_g (Q, P*K) @ cols (P*K, T)`` (regular conv forward).
 
     ``identity_map`` (1x1 kernel, stride 1, no padding) skips im2col: the
     image itself is the column buffer. ``interleaved`` (folded tiles, not
     with ``identity_map``) packs the tile's image sample-minor first, so
-    im2col copies runs of ``samples_per_tile`` values.
+    im2col copies runs of ``samples_per_tile`` values. ``phased`` (whole-sample
+    tiles, not with the other two) runs im2col through phase-major channels.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_in = image_in.shape[1]
@@ -927,6 +1007,8 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+    cdef Tap* taps = NULL
+    cdef floating* phased_image = NULL
 
     with nogil:
         if not interleaved:  # interleaved tiles store every output element themselves
@@ -934,9 +1016,13 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
                 fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating) if folded or not identity_map else 0,
                         (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
-                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile),
+                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         image_tile = result + Q * cols_per_tile
+        if phased:
+            taps = tap_table(&g, ws.scratch)
+            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -949,7 +1035,7 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
                     operand, ld_operand = cols, t.cols
                 else:
                     tile_columns(&g, x + gi * P * g.image_cells, c_in, P, &t, ws.rows, n_rows, interleaved,
-                                 image_tile, cols)
+                                 image_tile, taps, phased_image, cols)
                     operand, ld_operand = cols, t.cols
                 gather_from_columns(&g, operand, ld_operand, w + gi * Q * P * K, P * K, Q, &t, folded,
                                     interleaved, result, y + gi * Q * L, c_out,
@@ -963,10 +1049,11 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
                 floating[:, :, :, :, ::1] out,
                 tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                 Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                Py_ssize_t n_tiles, bint interleaved):
+                Py_ssize_t n_tiles, bint interleaved, bint phased):
     """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``, summed over tiles in order.
 
-    ``interleaved`` (folded tiles) orders both operands' columns sample-minor.
+    ``interleaved`` (folded tiles) orders both operands' columns sample-minor;
+    ``phased`` as in ``gather``.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
@@ -982,20 +1069,26 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+    cdef Tap* taps = NULL
+    cdef floating* phased_image = NULL
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
                         (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
-                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile),
+                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
         cols = <floating*>ws.cols
         image_tile = <floating*>ws.packed + Q * cols_per_tile
+        if phased:
+            taps = tap_table(&g, ws.scratch)
+            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
-                             image_tile, cols)
+                             image_tile, taps, phased_image, cols)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
                                          <floating*>ws.packed, gw + gi * Q * P * K)
         workspace_free(&ws)
@@ -1008,7 +1101,7 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                            floating[:, :, :, :, ::1] gw_out,
                            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                           Py_ssize_t n_tiles, bint interleaved):
+                           Py_ssize_t n_tiles, bint interleaved, bint phased):
     """``gather(image_in, weight)`` into ``out`` (no bias) and ``weight_grad(image_in,
     grid_in)`` into ``gw_out`` from one im2col per tile: a transposed convolution's
     input and weight gradients. With the plan of ``gather`` (not its identity map)
@@ -1032,6 +1125,8 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+    cdef Tap* taps = NULL
+    cdef floating* phased_image = NULL
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
@@ -1040,16 +1135,20 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                 fill_channels(y + b * c_grid * L, c_grid, L, NULL, False)
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
                         (2 * Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
-                        max_tile_rows(&g, samples_per_tile, cols_per_tile))
+                        max_tile_rows(&g, samples_per_tile, cols_per_tile),
+                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         packed = result + Q * cols_per_tile
         image_tile = packed + Q * cols_per_tile
+        if phased:
+            taps = tap_table(&g, ws.scratch)
+            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
-                             image_tile, cols)
+                             image_tile, taps, phased_image, cols)
                 gather_from_columns(&g, cols, t.cols, w + gi * Q * P * K, P * K, Q, &t, folded, interleaved,
                                     result, y + gi * Q * L, c_grid, NULL, False)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,

@@ -106,7 +106,7 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
     if path == "channel_blocks_interleaved":
         assert plans[0].row_block < C_OUT // GROUPS, plans[0]
     if path.startswith("folded_"):
-        assert plans[0].phased == (path == "folded_plain"), plans[0]
+        assert all(plan.phased == (path == "folded_plain") for plan in plans), plans
     expected = _everything(x, w, wc, b, ndim, "numpy")
     for g, e in zip(got, expected):
         assert_close(g, e)
@@ -306,6 +306,43 @@ def test_phased_col2im_adds_in_the_plain_order(monkeypatch, case, dtype):
     monkeypatch.setattr(blas_backend, "PHASED_MAX_BYTES", 0)
     blas_backend.clear_plan_caches()
     assert np.array_equal(tconv.conv_transpose2d(x, w, b, **kwargs, backend="blas"), phased)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("fold", [True, False])
+def test_phased_im2col_gives_the_same_columns(monkeypatch, ndim, fold):
+    """im2col through phase-major channels copies the same values into the same
+    columns: regular convolutions and both gradients, bit for bit."""
+    stride, padding, dilation = (3, 2, 2)[-ndim:], 2, 2
+    rng = np.random.default_rng(ndim)
+    n = 5 if fold else 1
+    x = rng.standard_normal((n, 4) + (9,) * ndim).astype(np.float32)
+    wc = rng.standard_normal((6, 2) + (3,) * ndim).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=2)
+    cv, cvb = getattr(tconv, f"conv{ndim}d"), getattr(tconv, f"conv{ndim}d_backward")
+
+    def everything():
+        z = cv(x, wc, None, **kw, backend="blas")
+        dz = np.cos(np.arange(z.size, dtype=np.float32)).reshape(z.shape)
+        # the pair (gather_and_weight_grad) is the transposed convolution's backward
+        ct_grads = getattr(tconv, f"conv_transpose{ndim}d_backward")(
+            x, dz, wc, **kw, output_padding=tuple(2 if s == 3 else 0 for s in stride),
+            needs=("input", "weight"), backend="blas")[:2]
+        return [z, *cvb(dz, x, wc, **kw, needs=("input", "weight"), backend="blas")[:2], *ct_grads]
+
+    lead = 3 - ndim
+    z_shape = cv(x, wc, None, **kw, backend="numpy").shape
+    geom = Geometry(image=(1,) * lead + x.shape[2:], grid=(1,) * lead + z_shape[2:],
+                    kernel=(1,) * lead + wc.shape[2:], stride=(1,) * lead + tuple(stride),
+                    dilation=(1,) * lead + (dilation,) * ndim, pad_begin=(0,) * lead + (padding,) * ndim,
+                    groups=2)
+    plans = [blas_backend.gather_plan(geom, n, 2, 3, 4)[0], blas_backend.weight_grad_plan(geom, n, 2, 3, 4)]
+    assert all(plan.phased and (plan.samples_per_tile > 1) == fold for plan in plans), plans
+    phased = everything()
+    monkeypatch.setattr(blas_backend, "PHASED_MAX_BYTES", 0)
+    blas_backend.clear_plan_caches()
+    for a, b in zip(everything(), phased):
+        assert np.array_equal(a, b)
 
 
 def test_samples_with_large_grids_are_not_folded(assert_close):
