@@ -318,18 +318,28 @@ cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols
     Same layout as ``col2im_scatter``; ``bias`` (or NULL) from the block's first channel.
     """
     cdef Py_ssize_t channels = rows // g.taps
-    cdef Py_ssize_t c, k, r, s, lo, hi
+    cdef Py_ssize_t c, k, r, s, lo, hi, lw
     cdef Py_ssize_t sw = g.stride[2]
-    cdef Tap tap
+    # k2 s2 along W (U-Net): a row's two taps write alternate elements; when they
+    # cover the same grid cells, one pass writes both, contiguous stores the
+    # compiler vectorises, instead of two strided passes
+    cdef bint pairs = sw == 2 and g.kernel[2] == 2
+    cdef Tap tap, right
     cdef const floating* src
+    cdef const floating* src_right
     cdef floating* dst_row
+    cdef floating* out
     cdef const Row* row
     cdef floating value
     for c in range(channels):
         value = bias[c] if bias != NULL else 0
-        for k in range(g.taps):
+        k = 0
+        while k < g.taps:
             tap_at(g, k, &tap)
             src = cols + (c * g.taps + k) * tile_cols
+            if pairs:
+                tap_at(g, k + 1, &right)
+                src_right = src + tile_cols
             for r in range(n_rows):
                 row = &grid_rows[r]
                 if tap_misses_row(&tap, row.d, row.h):
@@ -337,8 +347,23 @@ cdef void col2im_cover(const Geom* g, const floating* cols, Py_ssize_t tile_cols
                 lo = row.lw0 if row.lw0 > tap.first[2] else tap.first[2]
                 hi = row.lw1 if row.lw1 < tap.last[2] + 1 else tap.last[2] + 1
                 dst_row = image + c * image_stride_c + t.n0 * image_stride_n + image_row(g, &tap, row.d, row.h)
+                if pairs and right.first[2] == tap.first[2] and right.last[2] == tap.last[2]:
+                    # (the right tap lands one element further: same rows, same cells)
+                    for s in range(t.nt):
+                        out = dst_row + s * image_stride_n
+                        for lw in range(lo, hi):
+                            out[2 * lw] = src[s * t.lt + row.j0 + lw] + value
+                            out[2 * lw + 1] = src_right[s * t.lt + row.j0 + lw] + value
+                    continue
                 for s in range(t.nt):
                     set_strided(dst_row + s * image_stride_n, sw, src + s * t.lt + row.j0, lo, hi, value)
+                if pairs:  # (the right tap's own cells)
+                    lo = row.lw0 if row.lw0 > right.first[2] else right.first[2]
+                    hi = row.lw1 if row.lw1 < right.last[2] + 1 else right.last[2] + 1
+                    for s in range(t.nt):
+                        set_strided(dst_row + 1 + s * image_stride_n, sw, src_right + s * t.lt + row.j0, lo, hi,
+                                    value)
+            k += 2 if pairs else 1
 
 
 # --------------------------------------------------------------------------- #
@@ -384,6 +409,40 @@ cdef inline void* phased_buffer(const Geom* g, void* scratch) noexcept nogil:
     return <unsigned char*>scratch + aligned(g.taps * sizeof(Tap))
 
 
+@cython.cdivision(True)
+cdef inline void store_phases(floating* out, const floating* acc, Py_ssize_t W, Py_ssize_t sw,
+                              Py_ssize_t plen) noexcept nogil:
+    """One image row back from phase-major: ``out[n * sw + r] = acc[r * plen + n]``."""
+    cdef Py_ssize_t n, r
+    if sw == 2:  # both phases in one pass, contiguous stores the compiler vectorises
+        for n in range(W // 2):
+            out[2 * n] = acc[n]
+            out[2 * n + 1] = acc[plen + n]
+        if W % 2:
+            out[W - 1] = acc[W // 2]
+        return
+    for r in range(sw):
+        for n in range((W - r + sw - 1) // sw):
+            out[n * sw + r] = acc[r * plen + n]
+
+
+@cython.cdivision(True)
+cdef inline void load_phases(floating* acc, const floating* row, Py_ssize_t W, Py_ssize_t sw,
+                             Py_ssize_t plen) noexcept nogil:
+    """One image row into phase-major: ``acc[r * plen + n] = row[n * sw + r]``."""
+    cdef Py_ssize_t n, r
+    if sw == 2:  # both phases in one pass, contiguous loads the compiler vectorises
+        for n in range(W // 2):
+            acc[n] = row[2 * n]
+            acc[plen + n] = row[2 * n + 1]
+        if W % 2:
+            acc[W // 2] = row[W - 1]
+        return
+    for r in range(sw):
+        for n in range((W - r + sw - 1) // sw):
+            acc[r * plen + n] = row[n * sw + r]
+
+
 cdef inline Py_ssize_t phase_shift(Py_ssize_t offset, Py_ssize_t sw, Py_ssize_t plen) noexcept nogil:
     """Where image column ``lw * sw + offset`` = ``(lw + q) * sw + r`` sits in a
     phase-major row, less ``lw``: ``r * plen + q``."""
@@ -408,11 +467,10 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
     cdef Py_ssize_t sw = g.stride[2], W = g.image[2]
     cdef Py_ssize_t plen = phase_len(g), acc_row = sw * phase_len(g)
     cdef Py_ssize_t image_rows = g.image[0] * g.image[1]
-    cdef Py_ssize_t s, c, k, ld, lh, lw, lo, hi, shift, r, n, i, count
+    cdef Py_ssize_t s, c, k, ld, lh, lw, lo, hi, shift, i
     cdef const Tap* tap
     cdef const floating* src
     cdef const floating* src_row
-    cdef const floating* acc_run
     cdef floating* dst_row
     cdef floating* out
     cdef floating value
@@ -438,11 +496,7 @@ cdef void col2im_phased(const Geom* g, const floating* cols, Py_ssize_t tile_col
                             dst_row[lw] += src_row[lw]
             out = image + (t.n0 + s) * image_stride_n + c * image_stride_c
             for i in range(image_rows):
-                for r in range(sw):
-                    acc_run = acc + i * acc_row + r * plen
-                    count = (W - r + sw - 1) // sw
-                    for n in range(count):
-                        out[i * W + n * sw + r] = acc_run[n]
+                store_phases(out + i * W, acc + i * acc_row, W, sw, plen)
 
 
 @cython.boundscheck(False)
@@ -461,22 +515,17 @@ cdef void im2col_phased(const Geom* g, const floating* image, Py_ssize_t image_s
     cdef Py_ssize_t sw = g.stride[2], W = g.image[2], Wg = g.grid[2]
     cdef Py_ssize_t plen = phase_len(g), acc_row = sw * phase_len(g)
     cdef Py_ssize_t image_rows = g.image[0] * g.image[1]
-    cdef Py_ssize_t s, c, k, ld, lh, lo, hi, shift, r, n, i, count
+    cdef Py_ssize_t s, c, k, ld, lh, lo, hi, shift, i
     cdef const Tap* tap
     cdef const floating* src
     cdef const floating* src_row
     cdef floating* dst
     cdef floating* line
-    cdef floating* run
     for c in range(channels):
         for s in range(t.nt):
             src = image + (t.n0 + s) * image_stride_n + c * image_stride_c
             for i in range(image_rows):
-                for r in range(sw):
-                    run = phased_image + i * acc_row + r * plen
-                    count = (W - r + sw - 1) // sw
-                    for n in range(count):
-                        run[n] = src[i * W + n * sw + r]
+                load_phases(phased_image + i * acc_row, src + i * W, W, sw, plen)
             for k in range(g.taps):
                 tap = &taps[k]
                 lo, hi = tap.first[2], tap.last[2] + 1

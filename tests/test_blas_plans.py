@@ -232,10 +232,12 @@ COVER_CASES = {  # name: (padding, output_padding, covers exactly)
 
 @pytest.mark.parametrize("case", sorted(COVER_CASES))
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, assert_close):
+@pytest.mark.parametrize("tiles", ["columns", "folded"])
+def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, tiles, assert_close):
     padding, output_padding, covers = COVER_CASES[case]
-    monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)  # column tiles: several per sample
-    monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
+    if tiles == "columns":  # several per sample
+        monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)
+        monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((3, 4) + (SIZE[ndim] + 1,) * ndim)
     w = rng.standard_normal((4, 3, *(2,) * ndim))

@@ -307,7 +307,13 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
     cdef Py_ssize_t G0 = s.grid[0], G1 = s.grid[1], G2 = s.grid[2]
     cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2], sw = s.stride_w
     cdef Py_ssize_t c, k, k0, k1, k2, i, cell, end, j, run, a0, a1, a2, i0, i1, lo, hi, u, offset
+    # k2 s2 along W (U-Net), covered exactly, the two taps on the same cells: one
+    # pass writes both into alternate elements, contiguous stores the compiler
+    # vectorises (the core's col2im_cover does the same)
+    cdef bint pairs = (cover and sw == 2 and K2 == 2 and t.first_w[0] == t.first_w[1]
+                       and t.last_w[0] == t.last_w[1] and t.offset_w[1] == t.offset_w[0] + 1)
     cdef const floating* src
+    cdef const floating* src_right
     cdef floating* dst
     cdef floating* line
     cdef floating value
@@ -317,8 +323,11 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
             k0 = k // (K1 * K2)
             k1 = (k // K2) % K1
             k2 = k % K2
+            if pairs and k2 == 1:
+                continue  # (written with tap k - 1)
             offset = t.offset_w[k2]
             src = cols + (c * K + k) * tile.width
+            src_right = src + tile.width
             for i in range(tile.samples):
                 dst = out + i * sample_stride + c * I
                 cell = tile.cell
@@ -337,7 +346,11 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                         line = dst + (i0 * I1 + i1) * I2
                         lo = a2 if a2 > t.first_w[k2] else t.first_w[k2]
                         hi = a2 + run - 1 if a2 + run - 1 < t.last_w[k2] else t.last_w[k2]
-                        if cover:
+                        if pairs:
+                            for u in range(lo, hi + 1):
+                                line[2 * u + offset] = src[j + u - a2] + value
+                                line[2 * u + offset + 1] = src_right[j + u - a2] + value
+                        elif cover:
                             for u in range(lo, hi + 1):
                                 line[u * sw + offset] = src[j + u - a2] + value
                         else:
@@ -350,6 +363,24 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                     if a1 == G1:
                         a1 = 0
                         a0 += 1
+
+
+@cython.cdivision(True)
+cdef inline void store_phases(floating* out, const floating* acc, Py_ssize_t W, Py_ssize_t sw,
+                              Py_ssize_t plen) noexcept nogil:
+    """One image row back from phase-major: ``out[m * sw + r] = acc[r * plen + m]``
+    (the core's helper of the same name)."""
+    cdef Py_ssize_t m, r
+    if sw == 2:  # both phases in one pass, contiguous stores the compiler vectorises
+        for m in range(W // 2):
+            out[2 * m] = acc[m]
+            out[2 * m + 1] = acc[plen + m]
+        if W % 2:
+            out[W - 1] = acc[W // 2]
+        return
+    for r in range(sw):
+        for m in range((W - r + sw - 1) // sw):
+            out[m * sw + r] = acc[r * plen + m]
 
 
 @cython.boundscheck(False)
@@ -370,10 +401,9 @@ cdef void col2im_phased_tile(const floating* cols, Py_ssize_t channels, const Ti
     cdef Py_ssize_t I = s.image_cells, I1 = s.image[1], I2 = s.image[2], sw = s.stride_w
     cdef Py_ssize_t phase_len = (I2 + sw - 1) // sw
     cdef Py_ssize_t acc_line = sw * phase_len, lines = s.image[0] * I1
-    cdef Py_ssize_t i, c, k, k0, k1, k2, a0, a1, i0, i1, lo, hi, u, x, r, m, count, phase, shift
+    cdef Py_ssize_t i, c, k, k0, k1, k2, a0, a1, i0, i1, lo, hi, u, x, phase, shift
     cdef const floating* src
     cdef const floating* run
-    cdef const floating* acc_run
     cdef floating* line
     cdef floating* dst
     cdef floating value
@@ -407,11 +437,7 @@ cdef void col2im_phased_tile(const floating* cols, Py_ssize_t channels, const Ti
                             line[u] += run[u]
             dst = out + i * sample_stride + c * I
             for x in range(lines):
-                for r in range(sw):
-                    acc_run = acc + x * acc_line + r * phase_len
-                    count = (I2 - r + sw - 1) // sw
-                    for m in range(count):
-                        dst[x * I2 + m * sw + r] = acc_run[m]
+                store_phases(dst + x * I2, acc + x * acc_line, I2, sw, phase_len)
 
 
 # --------------------------------------------------------------------------- #
