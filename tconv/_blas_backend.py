@@ -3,7 +3,9 @@
 This module plans; ``_blas_core`` computes. The plan splits a call into
 tiles whose work buffers fit ``WORKSPACE_BYTES`` whatever the batch size:
 small images are folded (several samples per GEMM, so the GEMM stays wide),
-large ones are cut into column ranges. The kernels take the buffers from a
+large ones are cut into column ranges. Tiles of whole samples move col2im's
+and im2col's strided runs through a phase-major copy of one channel
+(``PHASED_MAX_BYTES``). The kernels take the buffers from a
 cache per thread, so concurrent calls from several threads share no state
 and a layer called in a loop allocates nothing after its first call.
 
@@ -71,11 +73,13 @@ INTERLEAVE_MIN_SAMPLES = 8
 #: and k64 s32 upsampling run about twice as fast).
 PATCH_MIN_KERNEL_WIDTH = 8
 
-#: Whole-sample col2im tiles accumulate each channel's image phase-major and
-#: store it once (``_blas_core.col2im_phased``) when that accumulator is at
-#: most this big (it should stay in L1/L2 while a channel's taps are added).
-#: Interleaved A/B at 1 thread (medians of 7): DCGAN b64 256->128 forward
-#: 54.8 -> 40.6 ms, 128->64 51.6 -> 42.9, 64->3 7.0 -> 5.7; stride 1 even.
+#: Tiles of whole samples (sample-major) run col2im through each channel's
+#: image stored phase-major (``_blas_core.col2im_phased``), and at strides
+#: past 1 im2col too (``im2col_phased``), when that channel buffer is at most
+#: this big (it should stay in L1/L2 while the taps go through it).
+#: Interleaved A/B at 1 thread (medians of 7): DCGAN b64 forward 256->128
+#: 54.8 -> 40.6 ms, 128->64 51.6 -> 42.9, 64->3 7.0 -> 5.7, stride 1 even;
+#: backward 2-6% faster.
 PHASED_MAX_BYTES = 256 * 2**10
 
 _BLAS_INT_MAX = 2**31 - 1
@@ -214,8 +218,8 @@ def _phased(plan: TilePlan, geom: Geometry, itemsize: int, min_stride: int = 1) 
 
 
 def phased_acc_bytes(geom: Geometry, itemsize: int) -> int:
-    """Bytes of ``col2im_phased``'s accumulator: one channel's image, rows padded to a
-    whole number of stride phases."""
+    """Bytes of the phased kernels' channel buffer: one channel's image, rows padded
+    to a whole number of stride phases (``_blas_core.phased_acc_size`` elements)."""
     depth, height, width = geom.image
     return depth * height * geom.stride[2] * -(-width // geom.stride[2]) * itemsize
 

@@ -781,7 +781,7 @@ cdef struct Workspace:
     # descriptors.
     void* cols
     void* packed
-    void* scratch  # kernel-specific (col2im_phased: the taps and one channel's accumulator)
+    void* scratch  # the phased kernels' tap table and phase-major channel (phased_scratch_bytes)
     Row* rows
 
 

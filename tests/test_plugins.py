@@ -283,10 +283,10 @@ def test_openmp_widens_tiles_to_whole_samples_for_phased_col2im_only_past_stride
     """At stride 1 the taps' runs are contiguous already: tiles keep TARGET_WIDTH columns."""
     from tconv_openmp import _plan
 
-    cells, image = 56 * 56, (1, 56, 56)
+    cells = 56 * 56
     for stride, phased, tile in ((2, True, cells), (1, False, _plan.TARGET_WIDTH)):
-        plan = _plan.scatter_plan(1, 1, 64, 64, 9, cells, 56 * 56, 4, _plan.phased_acc_size(image, stride),
-                                  stride)
+        acc = 56 * stride * -(-56 // stride)  # one channel, rows padded to whole phases
+        plan = _plan.scatter_plan(1, 1, 64, 64, 9, cells, 56 * 56, 4, acc, stride)
         assert plan.direct and plan.phased == phased and plan.tiling.tile == tile, (stride, plan)
 
 
@@ -304,7 +304,7 @@ def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
             for attr, value in _plan_path(path, ndim).items():
                 patch.setattr(_plan, attr, value)
             return (_plan.scatter_plan(N, G, p, q, taps, cells, image_cells, 8,
-                                       _plan.phased_acc_size(image, 2), 2),
+                                       image[0] * image[1] * 2 * -(-image[2] // 2), 2),
                     _plan.gather_plan(N, G, q * taps, p, cells, q * image_cells, 8),
                     _plan.weight_grad_plan(N, G, q * taps, p, cells, taps, image_cells, 8))
 

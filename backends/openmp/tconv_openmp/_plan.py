@@ -139,12 +139,6 @@ class ScatterPlan:
     phased: bool = False  # direct, whole samples sample-major: phase-major col2im accumulator
 
 
-def phased_acc_size(image: tuple, stride_w: int) -> int:
-    """Elements of the phase-major accumulator: one channel's image, each row
-    padded to a whole number of stride phases."""
-    return image[0] * image[1] * stride_w * _ceil_div(image[2], stride_w)
-
-
 def scatter_plan(n: int, groups: int, p: int, q: int, taps: int, cells: int, image_cells: int,
                  itemsize: int, phased_acc: int = 0, stride_w: int = 1) -> ScatterPlan:
     """``phased_acc``: elements of the phase-major accumulator (0 where col2im

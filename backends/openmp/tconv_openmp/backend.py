@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, covers_exactly
+from tconv._blas_backend import BlasBackend, covers_exactly, phased_acc_bytes
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image
 from tconv.registry import get_num_threads
@@ -72,9 +72,9 @@ def _tables(geom: Geometry) -> tuple:
 
 
 def _phased_acc(geom: Geometry) -> int:
-    """The phased col2im accumulator's elements, 0 where the taps write the image
-    exactly once (``covers_exactly``: nothing to accumulate)."""
-    return 0 if covers_exactly(geom) else _plan.phased_acc_size(geom.image, geom.stride[2])
+    """The phased col2im accumulator's elements (the core's formula), 0 where the
+    taps write the image exactly once (``covers_exactly``: nothing to accumulate)."""
+    return 0 if covers_exactly(geom) else phased_acc_bytes(geom, 1)
 
 
 # Work buffers are cached per calling thread and reused (see the core's
@@ -186,7 +186,7 @@ class OpenMPBackend(Backend):
                                       _phased_acc(geom), geom.stride[2])
             how = (f"direct tasks of {plan.block} output channels" if plan.direct
                    else "two phases: GEMMs into a shared buffer, then col2im by output lines")
-            sample_minor = ", sample-minor" if plan.interleaved else ", phased col2im" if plan.phased else ""
+            sample_minor = ", sample-minor" if plan.interleaved else ", phase-major channels" if plan.phased else ""
             return f"openmp col2im, {how}, {plan.tiling.describe()}{sample_minor}"
         p, q = c // g, (second.shape[0] if primitive == "gather" else second.shape[1]) // g
         if primitive == "gather":
