@@ -265,10 +265,33 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     return _phased(plan, geom, itemsize, min_stride=2)
 
 
+@functools.lru_cache(maxsize=512)
+def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype) -> tuple:
+    """``(kernel, output shape, the kernel's arguments after the output)`` of a
+    transposed convolution, planned once per shape (the route, its plan and the
+    BLAS size checks): a layer called in a loop goes straight to its kernel. The
+    kernel is None for the ``"flipped-gather"`` route (a ``gather``)."""
+    route = scatter_route(geom, c_in // geom.groups)
+    out_shape = (n, q * geom.groups, *geom.image)
+    if route == "single-cell":
+        _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
+        return _blas_core.scatter_single_cell, out_shape, (geom.groups,)
+    if route == "flipped-gather":
+        return None, out_shape, ()
+    if route == "patches":
+        cells, q_block = patch_plan(geom, q, dtype.itemsize)
+        _check_blas_ints(q * math.prod(geom.kernel), c_in, math.prod(geom.grid))
+        return _blas_core.scatter_patches, out_shape, (*_spatial(geom), geom.groups, cells, q_block)
+    plan = scatter_plan(geom, n, c_in // geom.groups, q, dtype.itemsize)
+    return _blas_core.scatter, out_shape, (
+        *_spatial(geom), geom.groups, plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
+        plan.row_block, plan.interleaved, covers_exactly(geom), plan.phased)
+
+
 def clear_plan_caches() -> None:
     """Forget every cached route and plan (for code that changes the constants above)."""
     for cached in (_spatial, scatter_route, covers_exactly, patch_plan, scatter_plan, gather_plan,
-                   weight_grad_plan):
+                   weight_grad_plan, _scatter_call):
         cached.cache_clear()
 
 
@@ -296,33 +319,12 @@ class BlasBackend(Backend):
             _blas_core.release_workspace()
 
     def scatter(self, grid_in, weight, bias, geom):
-        n, c_in = grid_in.shape[:2]
-        q = weight.shape[1]
-        route = scatter_route(geom, c_in // geom.groups)
-        if route == "single-cell":
-            _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
-            out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
-            self._set_blas_threads()
-            _blas_core.scatter_single_cell(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, geom.groups)
-            return out
-        if route == "flipped-gather":
+        kernel, out_shape, args = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
+        if kernel is None:
             return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
-        if route == "patches":
-            cells, q_block = patch_plan(geom, q, grid_in.itemsize)
-            _check_blas_ints(q * math.prod(geom.kernel), c_in, math.prod(geom.grid))
-            out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
-            self._set_blas_threads()
-            _blas_core.scatter_patches(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom),
-                                       geom.groups, cells, q_block)
-            return out
-        plan = scatter_plan(geom, n, c_in // geom.groups, q, grid_in.itemsize)
-        out = np.empty((n, q * geom.groups, *geom.image), dtype=grid_in.dtype)
+        out = np.empty(out_shape, dtype=grid_in.dtype)
         self._set_blas_threads()
-        _blas_core.scatter(
-            grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *_spatial(geom), geom.groups,
-            plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block, plan.interleaved,
-            covers_exactly(geom), plan.phased,
-        )
+        kernel(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *args)
         return out
 
     def describe_plan(self, primitive: str, *args) -> str:
