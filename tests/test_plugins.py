@@ -233,8 +233,8 @@ def _plan_path(path: str, ndim: int) -> dict:
     }[path]
 
 
-PATHS = ["folded", "folded_unphased", "whole_samples", "folded_interleaved", "folded_two_phase", "column_tiles", "column_tiles_two_phase", "channel_blocks",
-         "row_chunks", "chunk_by_channels", "chunk_by_cells", "small_blocks"]
+PATHS = ["folded", "folded_unphased", "whole_samples", "folded_interleaved", "folded_two_phase", "column_tiles",
+         "column_tiles_two_phase", "channel_blocks", "row_chunks", "chunk_by_channels", "chunk_by_cells", "small_blocks"]
 
 
 @pytest.mark.parametrize("path", PATHS)
