@@ -390,8 +390,8 @@ cdef void col2im_phased_tile(const floating* cols, Py_ssize_t channels, const Ti
                              floating* out, Py_ssize_t sample_stride, const Sizes* s,
                              const Tables* t, const floating* bias, floating* acc) noexcept nogil:
     """Write a tile of whole samples into the image (not filled first): the core's
-    ``col2im_phased``. Per sample and channel, ``acc`` (``_plan.phased_acc_size``
-    elements) holds the image with each row stored phase-major (column
+    ``col2im_phased``. Per sample and channel, ``acc`` (the core's
+    ``phased_acc_bytes`` over the itemsize) holds the image with each row stored phase-major (column
     ``m * stride_w + r`` at ``r * phase_len + m``), starts at ``bias[c]`` (or 0)
     and takes each tap's grid lines as contiguous runs, in col2im_add_tile's
     order; one strided store writes each element once.
