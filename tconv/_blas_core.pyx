@@ -389,26 +389,6 @@ cdef inline Py_ssize_t phased_acc_size(const Geom* g) noexcept nogil:
     return g.image[0] * g.image[1] * g.stride[2] * phase_len(g)
 
 
-cdef inline size_t phased_scratch_bytes(const Geom* g, size_t itemsize) noexcept nogil:
-    """Workspace scratch of the phased kernels: the tap table, then one channel's
-    phase-major image."""
-    return aligned(g.taps * sizeof(Tap)) + phased_acc_size(g) * itemsize
-
-
-cdef inline Tap* tap_table(const Geom* g, void* scratch) noexcept nogil:
-    """Fill the tap table at the start of ``scratch`` (``phased_scratch_bytes``)."""
-    cdef Tap* taps = <Tap*>scratch
-    cdef Py_ssize_t k
-    for k in range(g.taps):
-        tap_at(g, k, &taps[k])
-    return taps
-
-
-cdef inline void* phased_buffer(const Geom* g, void* scratch) noexcept nogil:
-    """The phase-major channel buffer, after the tap table in ``scratch``."""
-    return <unsigned char*>scratch + aligned(g.taps * sizeof(Tap))
-
-
 @cython.cdivision(True)
 cdef inline void store_phases(floating* out, const floating* acc, Py_ssize_t W, Py_ssize_t sw,
                               Py_ssize_t plen) noexcept nogil:
@@ -781,7 +761,8 @@ cdef struct Workspace:
     # descriptors.
     void* cols
     void* packed
-    void* scratch  # the phased kernels' tap table and phase-major channel (phased_scratch_bytes)
+    const Tap* taps  # phased kernels only: the K tap landings ...
+    void* phased     # ... and one channel's phase-major image (phased_acc_size elements)
     Row* rows
 
 
@@ -827,22 +808,36 @@ cdef unsigned char* thread_buffer(size_t nbytes) except NULL:
     return &view[0] + (-(<size_t>&view[0])) % ALIGN
 
 
-cdef int workspace_alloc(Workspace* ws, size_t cols_bytes, size_t packed_bytes,
-                         Py_ssize_t n_rows, size_t scratch_bytes=0) except -1 nogil:
+cdef int workspace_alloc(Workspace* ws, size_t cols_bytes, size_t packed_bytes, Py_ssize_t n_rows,
+                         const Geom* phased=NULL, size_t itemsize=0) except -1 nogil:
+    """Carve the call's buffers; with ``phased`` (its geometry), also the phased
+    kernels' tap table (filled here) and phase-major channel of ``itemsize`` elements."""
     cdef unsigned char* base
     cdef size_t at = aligned(cols_bytes) + aligned(packed_bytes)
+    cdef size_t taps_bytes = aligned(phased.taps * sizeof(Tap)) if phased != NULL else 0
+    cdef size_t phased_bytes = aligned(phased_acc_size(phased) * itemsize) if phased != NULL else 0
+    cdef Tap* taps
+    cdef Py_ssize_t k
     with gil:
-        base = thread_buffer(at + aligned(scratch_bytes) + n_rows * sizeof(Row))
+        base = thread_buffer(at + taps_bytes + phased_bytes + n_rows * sizeof(Row))
     ws.cols = base if cols_bytes else NULL
     ws.packed = base + aligned(cols_bytes) if packed_bytes else NULL
-    ws.scratch = base + at if scratch_bytes else NULL
-    ws.rows = <Row*>(base + at + aligned(scratch_bytes))
+    ws.taps = NULL
+    ws.phased = NULL
+    if phased != NULL:
+        taps = <Tap*>(base + at)
+        for k in range(phased.taps):
+            tap_at(phased, k, &taps[k])
+        ws.taps = taps
+        ws.phased = base + at + taps_bytes
+    ws.rows = <Row*>(base + at + taps_bytes + phased_bytes)
     return 0
 
 
 cdef void workspace_free(Workspace* ws) noexcept nogil:
     # the buffer stays cached for the thread's next call
-    ws.cols = ws.packed = ws.scratch = NULL
+    ws.cols = ws.packed = ws.phased = NULL
+    ws.taps = NULL
     ws.rows = NULL
 
 
@@ -888,8 +883,6 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t acc_size = q_block * g.image_cells * samples_per_tile if interleaved else 0
     cdef floating one = 1, zero = 0
-    cdef Tap* taps = NULL
-    cdef floating* phase_acc = NULL
 
     with nogil:
         if not (interleaved or exact_cover or phased):  # (those store every output element themselves)
@@ -898,12 +891,9 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
         workspace_alloc(&ws, q_block * K * cols_per_tile * sizeof(floating),
                         (P * cols_per_tile + acc_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
-                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
+                        &g if phased else NULL, sizeof(floating))
         cols = <floating*>ws.cols
         acc = <floating*>ws.packed + P * cols_per_tile
-        if phased:
-            taps = tap_table(&g, ws.scratch)
-            phase_acc = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -940,8 +930,9 @@ def scatter(const floating[:, :, :, :, ::1] grid_in, const floating[:, :, :, :, 
                     elif phased:
                         col2im_phased(&g, cols, t.cols, qb * K,
                                       y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
-                                      g.image_cells, &t, taps,
-                                      bias_ptr + gi * Q + q0 if has_bias else NULL, phase_acc)
+                                      g.image_cells, &t, ws.taps,
+                                      bias_ptr + gi * Q + q0 if has_bias else NULL,
+                                      <floating*>ws.phased)
                     else:
                         col2im_scatter(&g, cols, t.cols, qb * K,
                                        y + (gi * Q + q0) * g.image_cells, c_out * g.image_cells,
@@ -1056,8 +1047,6 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef Tap* taps = NULL
-    cdef floating* phased_image = NULL
 
     with nogil:
         if not interleaved:  # interleaved tiles store every output element themselves
@@ -1066,12 +1055,9 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating) if folded or not identity_map else 0,
                         (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
-                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
+                        &g if phased else NULL, sizeof(floating))
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         image_tile = result + Q * cols_per_tile
-        if phased:
-            taps = tap_table(&g, ws.scratch)
-            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -1084,7 +1070,7 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
                     operand, ld_operand = cols, t.cols
                 else:
                     tile_columns(&g, x + gi * P * g.image_cells, c_in, P, &t, ws.rows, n_rows, interleaved,
-                                 image_tile, taps, phased_image, cols)
+                                 image_tile, ws.taps, <floating*>ws.phased, cols)
                     operand, ld_operand = cols, t.cols
                 gather_from_columns(&g, operand, ld_operand, w + gi * Q * P * K, P * K, Q, &t, folded,
                                     interleaved, result, y + gi * Q * L, c_out,
@@ -1118,26 +1104,21 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef Tap* taps = NULL
-    cdef floating* phased_image = NULL
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
                         (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
-                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
+                        &g if phased else NULL, sizeof(floating))
         cols = <floating*>ws.cols
         image_tile = <floating*>ws.packed + Q * cols_per_tile
-        if phased:
-            taps = tap_table(&g, ws.scratch)
-            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
-                             image_tile, taps, phased_image, cols)
+                             image_tile, ws.taps, <floating*>ws.phased, cols)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
                                          <floating*>ws.packed, gw + gi * Q * P * K)
         workspace_free(&ws)
@@ -1174,8 +1155,6 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef Tap* taps = NULL
-    cdef floating* phased_image = NULL
 
     with nogil:
         memset(gw, 0, groups * Q * P * K * sizeof(floating))
@@ -1185,19 +1164,16 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
                         (2 * Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
-                        phased_scratch_bytes(&g, sizeof(floating)) if phased else 0)
+                        &g if phased else NULL, sizeof(floating))
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         packed = result + Q * cols_per_tile
         image_tile = packed + Q * cols_per_tile
-        if phased:
-            taps = tap_table(&g, ws.scratch)
-            phased_image = <floating*>phased_buffer(&g, ws.scratch)
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
                 tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
-                             image_tile, taps, phased_image, cols)
+                             image_tile, ws.taps, <floating*>ws.phased, cols)
                 gather_from_columns(&g, cols, t.cols, w + gi * Q * P * K, P * K, Q, &t, folded, interleaved,
                                     result, y + gi * Q * L, c_grid, NULL, False)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
