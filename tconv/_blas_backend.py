@@ -82,6 +82,18 @@ PATCH_MIN_KERNEL_WIDTH = 8
 #: backward 2-6% faster.
 PHASED_MAX_BYTES = 256 * 2**10
 
+#: The weight gradient ``gw (Q, P*K) = dY cols^T`` is summed transposed, as
+#: ``gw^T`` in a work buffer of at most GW_TRANSPOSED_MAX_BYTES, where Q <= P*K:
+#: OpenBLAS runs the product faster with the short side first (sgemm alone,
+#: interleaved medians: Q=32 P*K=144 (autoencoder) x1.30, DCGAN 128->64 x1.18,
+#: FCN-8s x1.26; Q=64 P*K=48 (DCGAN 64->3) x0.95, hence the condition). The
+#: final transpose must be paid back by a long reduction (N * grid cells):
+#: backward at 1 thread, autoencoder 3.12 -> 2.64 ms, DCGAN 128->64 108 -> 97,
+#: but DCGAN 100->512 (64 columns) 3.4 -> 4.1. DCGAN 256->128's 2 MiB buffer
+#: gained at 1 thread (81 -> 78) and lost at 2 (53 -> 56), hence the 1 MiB.
+GW_TRANSPOSED_MAX_BYTES = 1 * 2**20
+GW_TRANSPOSED_MIN_COLUMNS = 1024
+
 _BLAS_INT_MAX = 2**31 - 1
 
 
@@ -265,6 +277,13 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     return _phased(plan, geom, itemsize, min_stride=2)
 
 
+def weight_grad_transposed(groups: int, p_taps: int, q: int, columns: int, itemsize: int) -> bool:
+    """Whether the weight gradient, a sum over ``columns`` (N * grid cells), is summed
+    as its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""
+    return (q <= p_taps and columns >= GW_TRANSPOSED_MIN_COLUMNS
+            and groups * q * p_taps * itemsize <= GW_TRANSPOSED_MAX_BYTES)
+
+
 @functools.lru_cache(maxsize=512)
 def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype) -> tuple:
     """``(kernel, output shape, the kernel's arguments after the output)`` of a
@@ -350,6 +369,10 @@ class BlasBackend(Backend):
         else:
             plan = weight_grad_plan(geom, n, c // geom.groups, second.shape[1] // geom.groups, itemsize)
             route = "im2col"
+        if primitive in ("weight_grad", "gather_and_weight_grad") and weight_grad_transposed(
+                geom.groups, c // geom.groups * math.prod(geom.kernel), args[-2].shape[1] // geom.groups,
+                n * math.prod(geom.grid), itemsize):
+            return f"{route}: {plan.describe()}, weight gradient summed transposed"
         return f"{route}: {plan.describe()}"
 
     def _scatter_as_flipped_gather(self, grid_in, weight, bias, geom):
@@ -390,6 +413,8 @@ class BlasBackend(Backend):
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
+            weight_grad_transposed(geom.groups, p * math.prod(geom.kernel), q, n * math.prod(geom.grid),
+                                   image_in.itemsize),
         )
         return out
 
@@ -421,6 +446,7 @@ class BlasBackend(Backend):
         _blas_core.gather_and_weight_grad(
             image_in, weight, grid_in, grad_image, grad_weight, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
+            weight_grad_transposed(geom.groups, p * math.prod(geom.kernel), q, n * math.prod(geom.grid), itemsize),
         )
 
 

@@ -992,9 +992,10 @@ cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld
 cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const floating* dy_g,
                                    Py_ssize_t c_grid, Py_ssize_t PK, Py_ssize_t Q, const Tile* t,
                                    bint folded, bint interleaved, floating* packed,
-                                   floating* gw_g) noexcept nogil:
+                                   floating* gw_g, bint transposed) noexcept nogil:
     """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``; ``dy_g`` is the group's first
-    grid channel of sample 0, packed into ``packed`` in the columns' order where folded."""
+    grid channel of sample 0, packed into ``packed`` in the columns' order where folded.
+    ``transposed``: ``gw_g`` is the transpose, (P*K, Q) row-major."""
     cdef Py_ssize_t L = g.grid_cells
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
@@ -1007,10 +1008,34 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
         operand, ld_operand = packed, t.cols
     else:
         operand, ld_operand = dy_g + t.n0 * c_grid * L + t.l0, L
-    # Column-major: C = gw_g^T, col-major (P*K x Q). cols (P*K x T, row-major) is
-    # col-major (T x P*K), transposed -> (P*K x T); dY_tile (Q x T, row stride
-    # ld_operand) is col-major (T x Q).
-    gemm(c'T', c'N', PK, Q, t.cols, one, cols, t.cols, operand, ld_operand, one, gw_g, PK)
+    # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); dY_tile (Q x T,
+    # row stride ld_operand) is col-major (T x Q); both enter transposed. C = gw_g^T,
+    # col-major (P*K x Q); or, transposed, C = gw_g col-major (Q x P*K).
+    if transposed:
+        gemm(c'T', c'N', Q, PK, t.cols, one, operand, ld_operand, cols, t.cols, one, gw_g, Q)
+    else:
+        gemm(c'T', c'N', PK, Q, t.cols, one, cols, t.cols, operand, ld_operand, one, gw_g, PK)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void transpose_groups(const floating* src, Py_ssize_t groups, Py_ssize_t rows, Py_ssize_t cols,
+                           floating* dst) noexcept nogil:
+    """``dst[g, c, r] = src[g, r, c]`` for each of ``groups`` (rows x cols) blocks,
+    in 32 x 32 blocks so that both sides stay in cache (a weight may be MiBs)."""
+    cdef Py_ssize_t gi, r, c, r0, c0, r1, c1
+    cdef const floating* s
+    cdef floating* d
+    for gi in range(groups):
+        s = src + gi * rows * cols
+        d = dst + gi * rows * cols
+        for r0 in range(0, rows, 32):  # (a literal step: Cython makes other ranges Python loops)
+            r1 = min(r0 + 32, rows)
+            for c0 in range(0, cols, 32):
+                c1 = min(c0 + 32, cols)
+                for c in range(c0, c1):
+                    for r in range(r0, r1):
+                        d[c * rows + r] = s[r * cols + c]
 
 
 @cython.boundscheck(False)
@@ -1084,11 +1109,13 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
                 floating[:, :, :, :, ::1] out,
                 tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                 Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                Py_ssize_t n_tiles, bint interleaved, bint phased):
+                Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed):
     """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``, summed over tiles in order.
 
     ``interleaved`` (folded tiles) orders both operands' columns sample-minor;
-    ``phased`` as in ``gather``.
+    ``phased`` as in ``gather``. ``transposed`` sums ``gw_g^T`` in a work buffer
+    and transposes it at the end (BLAS runs the product faster that way round
+    when Q is the smaller side).
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
@@ -1104,15 +1131,19 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+    cdef Py_ssize_t packed_size = Q * cols_per_tile + image_tile_size if folded else 0
+    cdef Py_ssize_t gw_size = groups * Q * P * K
+    cdef floating* acc
 
     with nogil:
-        memset(gw, 0, groups * Q * P * K * sizeof(floating))
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
-                        (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
+                        (packed_size + (gw_size if transposed else 0)) * sizeof(floating),
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
                         &g if phased else NULL, sizeof(floating))
         cols = <floating*>ws.cols
         image_tile = <floating*>ws.packed + Q * cols_per_tile
+        acc = <floating*>ws.packed + packed_size if transposed else gw
+        memset(acc, 0, gw_size * sizeof(floating))
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -1120,7 +1151,9 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
                 tile_columns(&g, x + gi * P * g.image_cells, c_img, P, &t, ws.rows, n_rows, interleaved,
                              image_tile, ws.taps, <floating*>ws.phased, cols)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
-                                         <floating*>ws.packed, gw + gi * Q * P * K)
+                                         <floating*>ws.packed, acc + gi * Q * P * K, transposed)
+        if transposed:
+            transpose_groups(acc, groups, P * K, Q, gw)
         workspace_free(&ws)
 
 
@@ -1131,11 +1164,11 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                            floating[:, :, :, :, ::1] gw_out,
                            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                           Py_ssize_t n_tiles, bint interleaved, bint phased):
+                           Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed):
     """``gather(image_in, weight)`` into ``out`` (no bias) and ``weight_grad(image_in,
     grid_in)`` into ``gw_out`` from one im2col per tile: a transposed convolution's
     input and weight gradients. With the plan of ``gather`` (not its identity map)
-    both results are bitwise those of the two separate calls.
+    and the same ``transposed`` both results are bitwise those of the two separate calls.
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
@@ -1155,19 +1188,23 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
+    cdef Py_ssize_t packed_size = 2 * Q * cols_per_tile + image_tile_size if folded else 0
+    cdef Py_ssize_t gw_size = groups * Q * P * K
+    cdef floating* acc
 
     with nogil:
-        memset(gw, 0, groups * Q * P * K * sizeof(floating))
         if not interleaved:
             for b in range(n):
                 fill_channels(y + b * c_grid * L, c_grid, L, NULL, False)
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
-                        (2 * Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
+                        (packed_size + (gw_size if transposed else 0)) * sizeof(floating),
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
                         &g if phased else NULL, sizeof(floating))
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         packed = result + Q * cols_per_tile
         image_tile = packed + Q * cols_per_tile
+        acc = <floating*>ws.packed + packed_size if transposed else gw
+        memset(acc, 0, gw_size * sizeof(floating))
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -1177,7 +1214,9 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                 gather_from_columns(&g, cols, t.cols, w + gi * Q * P * K, P * K, Q, &t, folded, interleaved,
                                     result, y + gi * Q * L, c_grid, NULL, False)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
-                                         packed, gw + gi * Q * P * K)
+                                         packed, acc + gi * Q * P * K, transposed)
+        if transposed:
+            transpose_groups(acc, groups, P * K, Q, gw)
         workspace_free(&ws)
 
 

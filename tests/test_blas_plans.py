@@ -83,14 +83,23 @@ def _everything(x, w, wc, b, ndim, backend):
             z, *cvb(dz, y, wc, **conv_kw, needs=needs, backend=backend)[:2]]
 
 
+def _transpose_weight_grads(monkeypatch, transposed: bool, ndim: int) -> None:
+    """Make every weight gradient below sum ``gw^T`` (or none), and check that it does."""
+    monkeypatch.setattr(blas_backend, "GW_TRANSPOSED_MIN_COLUMNS", 0 if transposed else 10**9)
+    p_taps, q = C_OUT // GROUPS * 3**ndim, C_IN // GROUPS  # the transposed call's image is its output
+    assert blas_backend.weight_grad_transposed(GROUPS, p_taps, q, N * SIZE[ndim] ** ndim, 8) == transposed
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, assert_close):
+@pytest.mark.parametrize("gw_transposed", [False, True])
+def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, gw_transposed, assert_close):
     constants, described = PATHS[path]
     for name, value in constants.items():
         assert hasattr(blas_backend, name), name
         monkeypatch.setattr(blas_backend, name, value)
+    _transpose_weight_grads(monkeypatch, gw_transposed, ndim)
     if path == "channel_blocks_interleaved":
         # room for 1.5 output channels' rows (3**ndim each) over all N * cells columns
         monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 8 * 3 * 3**ndim * N * SIZE[ndim] ** ndim // 2)
@@ -119,13 +128,15 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
 @pytest.mark.parametrize("path", ["column_tiles", "folded_plain", "folded_interleaved", "tight_budget"])
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim, dtype):
+@pytest.mark.parametrize("gw_transposed", [False, True])
+def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim, dtype, gw_transposed):
     """Both gradients of a transposed convolution come from one im2col per tile
     (``gather_and_weight_grad``): the same bits as asking for each alone. Where
     the pair's (slightly larger) buffers would pass the budget, it makes the two calls."""
     tight = path == "tight_budget"
     for name, value in ({} if tight else PATHS[path][0]).items():
         monkeypatch.setattr(blas_backend, name, value)
+    _transpose_weight_grads(monkeypatch, gw_transposed, ndim)
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim).astype(dtype)
     w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim).astype(dtype)
