@@ -374,6 +374,7 @@ def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_thread
 
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
     rng = np.random.default_rng(ndim)
     n, parts = 7, _plan.PAIR_MAX_PARTS
     x = rng.standard_normal((n, 6) + (5,) * ndim).astype(dtype)
@@ -409,6 +410,7 @@ def test_openmp_backward_pair_in_batch_parts_keeps_nan_and_inf_masks(openmp, mon
 
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
     tconv.set_num_threads(2)
     rng = np.random.default_rng(0)
     x, w, dy = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((8, 4, 9, 9))
@@ -433,6 +435,7 @@ def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, res
 
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3))
     dy = rng.standard_normal((8, 4, 11, 11))
@@ -513,6 +516,7 @@ def test_openmp_backward_batch_parts_leave_blas_at_one_thread(openmp, monkeypatc
 
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((4, 8, 9, 9)), rng.standard_normal((8, 8, 3, 3))
     tconv.set_num_threads(2)
@@ -612,5 +616,6 @@ def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route)
     assert backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"]).startswith("two calls: ")
     if x_shape[0] > 1:
         monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+        monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
         described = backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"])
         assert " batch parts on the thread pool, each core: " in described

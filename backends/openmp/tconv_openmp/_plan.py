@@ -59,7 +59,13 @@ MAX_ROW_BLOCK = 512
 PAIR_MAX_PARTS = 4
 #: ... and each part at least this many multiply-adds per gradient (smaller
 #: pairs run this backend's own gather and weight_grad tasks) ...
-PAIR_MIN_PART_MACS = 1 << 25
+PAIR_MIN_PART_MACS = 1 << 23
+#: ... and this many GEMM columns (samples x grid cells): each part's weight
+#: gradient is a weight-sized partial sum to add, paid back only by a long
+#: reduction. (Interleaved A/B at 2 threads, against 2**25 MACs and no column
+#: bound: autoencoder backward 1.95 -> 1.73 ms as 2 parts; DCGAN 100->512,
+#: 64 columns, went 3.9 -> 5.0 as 4 parts, which this bound forbids.)
+PAIR_MIN_PART_COLUMNS = 256
 #: ... and the parts' weight-gradient partial sums within this many bytes.
 PAIR_PARTIALS_BYTES = 16 << 20
 
@@ -244,11 +250,13 @@ def weight_grad_plan(n: int, groups: int, rows_total: int, q: int, cells: int, t
     return WeightGradPlan(rows, tiles, rows * width + packed + image, interleaved)
 
 
-def pair_parts(n: int, macs: int, weight_bytes: int) -> int:
+def pair_parts(n: int, macs: int, weight_bytes: int, columns: int) -> int:
     """Batch parts of a backward pair of ``macs`` multiply-adds per gradient over
-    ``n`` samples (1: do not split). Part ``i`` covers samples ``n * i // parts``
-    up to ``n * (i + 1) // parts``; the weight gradient sums the parts in order."""
-    parts = min(PAIR_MAX_PARTS, n, macs // PAIR_MIN_PART_MACS, PAIR_PARTIALS_BYTES // max(1, weight_bytes))
+    ``n`` samples, ``columns`` (n x grid cells) in all (1: do not split). Part ``i``
+    covers samples ``n * i // parts`` up to ``n * (i + 1) // parts``; the weight
+    gradient sums the parts in order."""
+    parts = min(PAIR_MAX_PARTS, n, macs // PAIR_MIN_PART_MACS, columns // PAIR_MIN_PART_COLUMNS,
+                PAIR_PARTIALS_BYTES // max(1, weight_bytes))
     # a power of two: parts of equal size keep 2 or 4 threads equally busy (3 parts on
     # 2 threads ran DCGAN 512->256's backward at 1.06x the 1-thread time)
     return 1 << (max(1, parts).bit_length() - 1)
