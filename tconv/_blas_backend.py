@@ -289,22 +289,30 @@ def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype) ->
     """``(kernel, output shape, the kernel's arguments after the output)`` of a
     transposed convolution, planned once per shape (the route, its plan and the
     BLAS size checks): a layer called in a loop goes straight to its kernel. The
-    kernel is None for the ``"flipped-gather"`` route (a ``gather``)."""
+    kernel is None for the ``"flipped-gather"`` route (a ``gather``), else the
+    kernel's specialisation for ``dtype``: calling a fused-type function picks
+    one from its arguments' types, ~0.9 us of the seed's ~6.5 us call."""
     route = scatter_route(geom, c_in // geom.groups)
     out_shape = (n, q * geom.groups, *geom.image)
     if route == "single-cell":
         _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
-        return _blas_core.scatter_single_cell, out_shape, (geom.groups,)
+        return _specialised(_blas_core.scatter_single_cell, dtype), out_shape, (geom.groups,)
     if route == "flipped-gather":
         return None, out_shape, ()
     if route == "patches":
         cells, q_block = patch_plan(geom, q, dtype.itemsize)
         _check_blas_ints(q * math.prod(geom.kernel), c_in, math.prod(geom.grid))
-        return _blas_core.scatter_patches, out_shape, (*_spatial(geom), geom.groups, cells, q_block)
+        kernel = _specialised(_blas_core.scatter_patches, dtype)
+        return kernel, out_shape, (*_spatial(geom), geom.groups, cells, q_block)
     plan = scatter_plan(geom, n, c_in // geom.groups, q, dtype.itemsize)
-    return _blas_core.scatter, out_shape, (
+    return _specialised(_blas_core.scatter, dtype), out_shape, (
         *_spatial(geom), geom.groups, plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
         plan.row_block, plan.interleaved, covers_exactly(geom), plan.phased)
+
+
+def _specialised(kernel, dtype: np.dtype):
+    """``kernel``'s compiled version for ``dtype`` (float32 or float64)."""
+    return kernel["float" if dtype == np.float32 else "double"]
 
 
 def clear_plan_caches() -> None:
