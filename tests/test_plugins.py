@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import tconv
+from tconv.backend import Geometry
 from tconv import registry
 from tconv._numpy_backend import NumpyBackend
 
@@ -290,6 +291,27 @@ def test_openmp_widens_tiles_to_whole_samples_for_phased_col2im_only_past_stride
         assert plan.direct and plan.phased == phased and plan.tiling.tile == tile, (stride, plan)
 
 
+def test_openmp_exact_cover_takes_fewer_larger_gemms(openmp, monkeypatch, restore_threads, assert_close):
+    """Taps that cover the image exactly (k2 s2) leave no col2im adds to share out:
+    direct tasks of twice the channels, and the same result as the numpy backend."""
+    from tconv_openmp import _plan
+
+    q, cells = 64, 16 * 16
+    blocks = [_plan.scatter_plan(1, 1, 32, q, 4, cells, 4 * cells, 8, 0, 2, exact).block for exact in (False, True)]
+    assert blocks[1] == 2 * blocks[0] and q // blocks[1] >= 2, blocks
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((1, 32, 16, 16)), rng.standard_normal((32, q, 2, 2)), rng.standard_normal(q)
+    tconv.set_num_threads(2)
+    geom = Geometry(image=(1, 32, 32), grid=(1, 16, 16), kernel=(1, 2, 2), stride=(1, 2, 2), dilation=(1, 1, 1),
+                    pad_begin=(0, 0, 0), groups=1)
+    described = openmp.backend.OpenMPBackend().describe_plan(
+        "scatter", x.reshape(1, 32, 1, 16, 16), w.reshape(32, q, 1, 2, 2), None, geom)
+    assert described.startswith(f"openmp col2im, direct tasks of {blocks[1]} output channels"), described
+    assert_close(tconv.conv_transpose2d(x, w, b, stride=2, backend="openmp"),
+                 tconv.conv_transpose2d(x, w, b, stride=2, backend="numpy"))
+
+
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 def test_openmp_plan_paths_are_really_taken(openmp, monkeypatch, ndim):
     """Each budget above cuts the transposed forward call (and its gradients) as its name says."""
@@ -507,7 +529,7 @@ def test_openmp_never_threads_blas(openmp, restore_threads, route):
 
 
 def test_openmp_backward_batch_parts_leave_blas_at_one_thread(openmp, monkeypatch, restore_threads):
-    """The batch parts run on pool threads, whose BLAS thread setting OpenBLAS ignores
+    """The batch parts run partly on pool threads, whose BLAS thread setting OpenBLAS ignores
     (only the main thread's counts): the calling thread sets it, even right after the
     ``blas`` backend set it to two (which once left the parts' GEMMs threaded, 2.5x slower)."""
     from threadpoolctl import threadpool_info

@@ -183,7 +183,7 @@ class OpenMPBackend(Backend):
         if primitive == "scatter":
             p, q = c // g, second.shape[1]
             plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), itemsize,
-                                      _phased_acc(geom), geom.stride[2])
+                                      _phased_acc(geom), geom.stride[2], covers_exactly(geom))
             how = (f"direct tasks of {plan.block} output channels" if plan.direct
                    else "two phases: GEMMs into a shared buffer, then col2im by output lines")
             sample_minor = ", sample-minor" if plan.interleaved else ", phase-major channels" if plan.phased else ""
@@ -220,7 +220,7 @@ class OpenMPBackend(Backend):
         kernels = _kernels()
         dtype = grid_in.dtype
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize,
-                                  _phased_acc(geom), geom.stride[2])
+                                  _phased_acc(geom), geom.stride[2], covers_exactly(geom))
         tiling = plan.tiling
         out = np.empty((n, g * q, *geom.image), dtype=dtype)
         bias_array, has_bias = _bias(bias, dtype)
