@@ -24,6 +24,7 @@ import numpy as np
 cimport cython
 from cython cimport floating
 from libc.string cimport memset, memcpy
+from cpython.pyport cimport PY_SSIZE_T_MAX, PY_SSIZE_T_MIN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 
@@ -168,6 +169,46 @@ cdef inline void add_strided(floating* dst, Py_ssize_t stride, const floating* s
             dst[i * stride] += src[i]
 
 
+cdef inline void add_taps_at(floating* dst, Py_ssize_t x, const floating* a, const floating* b,
+                             const floating* c, Py_ssize_t db, Py_ssize_t dc, Py_ssize_t lo_a, Py_ssize_t hi_a,
+                             Py_ssize_t lo_b, Py_ssize_t hi_b, Py_ssize_t lo_c, Py_ssize_t hi_c) noexcept nogil:
+    """``add_three_taps`` at one element, each tap where it lands."""
+    cdef floating v = dst[x]
+    if lo_a <= x < hi_a:
+        v += a[x]
+    if lo_b <= x - db < hi_b:
+        v += b[x - db]
+    if lo_c <= x - dc < hi_c:
+        v += c[x - dc]
+    dst[x] = v
+
+
+cdef inline void add_three_taps(floating* dst, const floating* a, const floating* b, const floating* c,
+                                Py_ssize_t db, Py_ssize_t dc, Py_ssize_t lo_a, Py_ssize_t hi_a,
+                                Py_ssize_t lo_b, Py_ssize_t hi_b, Py_ssize_t lo_c, Py_ssize_t hi_c) noexcept nogil:
+    """Three neighbouring taps of one grid row at stride 1 (a 3-wide kernel), in one pass:
+    ``dst[x] += a[x]`` for lo_a <= x < hi_a, then ``+= b[x - db]`` where lo_b <= x - db < hi_b,
+    then ``+= c[x - dc]`` likewise. Each element takes the three in that order, so the
+    bits are those of three ``add_strided`` passes, but it is loaded and stored once."""
+    cdef Py_ssize_t x, x0 = PY_SSIZE_T_MAX, x1 = PY_SSIZE_T_MIN, lo, hi
+    if lo_a < hi_a:  # x0, x1: the span of the taps that land at all
+        x0, x1 = min(x0, lo_a), max(x1, hi_a)
+    if lo_b < hi_b:
+        x0, x1 = min(x0, lo_b + db), max(x1, hi_b + db)
+    if lo_c < hi_c:
+        x0, x1 = min(x0, lo_c + dc), max(x1, hi_c + dc)
+    lo = max(lo_a, max(lo_b + db, lo_c + dc))  # lo, hi: where all three land (the bulk)
+    hi = min(hi_a, min(hi_b + db, hi_c + dc))
+    if hi <= lo:
+        lo = hi = x1
+    for x in range(x0, lo):
+        add_taps_at(dst, x, a, b, c, db, dc, lo_a, hi_a, lo_b, hi_b, lo_c, hi_c)
+    for x in range(lo, hi):
+        dst[x] = ((dst[x] + a[x]) + b[x - db]) + c[x - dc]
+    for x in range(hi, x1):
+        add_taps_at(dst, x, a, b, c, db, dc, lo_a, hi_a, lo_b, hi_b, lo_c, hi_c)
+
+
 cdef inline void copy_strided(floating* dst, const floating* src, Py_ssize_t stride,
                               Py_ssize_t start, Py_ssize_t lo, Py_ssize_t hi,
                               Py_ssize_t end) noexcept nogil:
@@ -268,9 +309,16 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
     cdef floating* dst
     cdef floating* dst_row
     cdef const Row* row
+    # stride 1, 3 wide (3x3 kernels): each row's three taps along W in one pass
+    cdef bint by_threes = sw == 1 and g.kernel[2] == 3
     for c in range(channels):
         dst = image + c * image_stride_c
         for k in range(g.taps):
+            if by_threes:
+                if k % 3 == 0:
+                    col2im_three_taps(g, cols + (c * g.taps + k) * tile_cols, tile_cols, k, dst, image_stride_n,
+                                      t, grid_rows, n_rows)
+                continue
             tap_at(g, k, &tap)
             src = cols + (c * g.taps + k) * tile_cols
             if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
@@ -294,6 +342,53 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
                 else:  # short runs (small images): the samples make the long loop
                     for lw in range(lo, hi):
                         add_across_samples(dst_row + lw * sw, image_stride_n, src + row.j0 + lw, t.lt, t.nt)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void col2im_three_taps(const Geom* g, const floating* src, Py_ssize_t tile_cols, Py_ssize_t k,
+                            floating* dst, Py_ssize_t image_stride_n, const Tile* t,
+                            const Row* grid_rows, Py_ssize_t n_rows) noexcept nogil:
+    """``col2im_scatter``'s work for taps k, k+1, k+2 of one channel (the three taps of
+    a kernel row at stride 1, rows ``src``, ``src + tile_cols``, ...): same bits."""
+    cdef Tap taps[3]
+    cdef Py_ssize_t lo[3]
+    cdef Py_ssize_t hi[3]
+    cdef Py_ssize_t i, r, s, ld, lh, lw, db, dc, cell
+    cdef floating* dst_row
+    cdef const Row* row
+    for i in range(3):
+        tap_at(g, k + i, &taps[i])
+    db = taps[1].offset[2] - taps[0].offset[2]
+    dc = taps[2].offset[2] - taps[0].offset[2]
+    if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
+        for s in range(t.nt):  # (the three share their rows: same kd, kh)
+            for ld in range(taps[0].first[0], taps[0].last[0] + 1):
+                for lh in range(taps[0].first[1], taps[0].last[1] + 1):
+                    cell = s * t.lt + (ld * g.grid[1] + lh) * g.grid[2]
+                    add_three_taps(dst + (t.n0 + s) * image_stride_n + image_row(g, &taps[0], ld, lh),
+                                   src + cell, src + tile_cols + cell, src + 2 * tile_cols + cell, db, dc,
+                                   taps[0].first[2], taps[0].last[2] + 1, taps[1].first[2], taps[1].last[2] + 1,
+                                   taps[2].first[2], taps[2].last[2] + 1)
+        return
+    for r in range(n_rows):
+        row = &grid_rows[r]
+        if tap_misses_row(&taps[0], row.d, row.h):
+            continue
+        for i in range(3):
+            lo[i] = row.lw0 if row.lw0 > taps[i].first[2] else taps[i].first[2]
+            hi[i] = row.lw1 if row.lw1 < taps[i].last[2] + 1 else taps[i].last[2] + 1
+        dst_row = dst + t.n0 * image_stride_n + image_row(g, &taps[0], row.d, row.h)
+        if row.lw1 - row.lw0 >= SHORT_RUN or t.nt == 1:
+            for s in range(t.nt):
+                add_three_taps(dst_row + s * image_stride_n, src + s * t.lt + row.j0,
+                               src + tile_cols + s * t.lt + row.j0, src + 2 * tile_cols + s * t.lt + row.j0,
+                               db, dc, lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
+        else:  # short runs (small images): the samples make the long loop, tap by tap
+            for i in range(3):
+                for lw in range(lo[i], hi[i]):
+                    add_across_samples(dst_row + (taps[i].offset[2] - taps[0].offset[2]) + lw,
+                                       image_stride_n, src + i * tile_cols + row.j0 + lw, t.lt, t.nt)
 
 
 cdef inline void set_strided(floating* dst, Py_ssize_t stride, const floating* src,

@@ -358,6 +358,52 @@ def test_phased_im2col_gives_the_same_columns(monkeypatch, ndim, fold):
         assert np.array_equal(a, b)
 
 
+# Stride 1 along W with a 3-wide kernel: col2im adds a row's three taps in one pass.
+# name: (stride, padding, dilation), (H, W) each: edges where one or two of the taps land
+THREE_TAP_CASES = {
+    "plain": ((1, 1), (1, 1), 1),
+    "dilated": ((2, 1), (0, 0), 2),
+    "wide_padding": ((1, 1), (0, 3), 1),  # 3 image columns: the taps overlap on 1 to 3
+    "strided_rows": ((3, 1), (2, 2), 1),
+}
+# name: (plan constants, samples, what the plan says)
+THREE_TAP_TILES = {
+    "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=5), 1, "columns per GEMM"),  # rows cut mid-way
+    "folded_short_runs": (dict(INTERLEAVE_MIN_SAMPLES=10**9), 9, "samples folded per GEMM"),
+    "whole_sample": ({}, 1, "1 tiles"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THREE_TAP_CASES))
+@pytest.mark.parametrize("tiles", sorted(THREE_TAP_TILES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_three_taps_at_once_add_in_the_plain_order(monkeypatch, case, tiles, dtype, assert_close):
+    """The three taps of a kernel row at stride 1 go into each image row in one pass,
+    every element taking them in tap order: the definition's values, and where tiles
+    hold whole samples, bit for bit those of the phase-major accumulator (bias, then
+    each tap in order; column tiles add tile by tile, another order)."""
+    stride, padding, dilation = THREE_TAP_CASES[case]
+    constants, n, described = THREE_TAP_TILES[tiles]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, 4, 5, 7)).astype(dtype)
+    w = rng.standard_normal((4, 3, 2, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=2)
+    phased = tconv.conv_transpose2d(x, w, b, **kwargs, backend="blas")
+    for name, value in dict(constants, PHASED_MAX_BYTES=0).items():
+        monkeypatch.setattr(blas_backend, name, value)
+    blas_backend.clear_plan_caches()
+    got = tconv.conv_transpose2d(x, w, b, **kwargs, backend="blas")
+    geom = Geometry(image=(1,) + got.shape[2:], grid=(1, 5, 7), kernel=(1, 2, 3), stride=(1, *stride),
+                    dilation=(1, dilation, dilation), pad_begin=(0, *padding), groups=2)
+    plan = blas_backend.scatter_plan(geom, n, 2, 3, np.dtype(dtype).itemsize)
+    assert blas_backend.scatter_route(geom, 2) == "col2im" and not plan.phased and described in plan.describe()
+    assert tiles == "column_tiles" or np.array_equal(got, phased)
+    assert_close(got, oracle.conv_transpose_loops(
+        x, w, b, stride=stride, pad_begin=padding, pad_end=padding, output_padding=(0, 0),
+        dilation=(dilation,) * 2, groups=2))
+
+
 def test_samples_with_large_grids_are_not_folded(assert_close):
     """A sample of FOLD_MAX_CELLS grid cells or more makes a wide GEMM alone: no folding
     (which would copy the tile's input), whatever room the cache tile leaves."""
