@@ -280,6 +280,29 @@ def test_openmp_phased_col2im_adds_in_the_plain_order(openmp, monkeypatch, resto
     assert np.array_equal(call(x, w, b, **kw), phased)
 
 
+@pytest.mark.parametrize("path", ["folded", "column_tiles"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_openmp_three_taps_at_once_add_in_the_plain_order(openmp, monkeypatch, restore_threads, path, ndim,
+                                                          dilation, assert_close):
+    """At stride 1 with a 3-wide kernel col2im_add_tile adds a line's three taps in one
+    pass, in tap order: numpy's values, and folded, the bits of the phased accumulator."""
+    from tconv_openmp import _plan
+
+    for attr, value in _plan_path(path, ndim).items():
+        monkeypatch.setattr(_plan, attr, value)
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(2)
+    x, w, _, b, kw = _case(np.random.default_rng(ndim), ndim, n=N, c_in=C_IN, c_out=C_OUT, groups=G,
+                           size=SIZE[ndim], kernel=3, stride=1, dilation=dilation, dtype=np.float32)
+    call = getattr(tconv, f"conv_transpose{ndim}d")
+    phased = call(x, w, b, **kw, backend="openmp")
+    monkeypatch.setattr(_plan, "PHASED_MAX_BYTES", 0)
+    got = call(x, w, b, **kw, backend="openmp")
+    assert path != "folded" or np.array_equal(got, phased)
+    assert_close(got, call(x, w, b, **kw, backend="numpy"))
+
+
 def test_openmp_widens_tiles_to_whole_samples_for_phased_col2im_only_past_stride_one(openmp):
     """At stride 1 the taps' runs are contiguous already: tiles keep TARGET_WIDTH columns."""
     from tconv_openmp import _plan

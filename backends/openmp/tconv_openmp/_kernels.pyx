@@ -33,6 +33,7 @@ from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport isfinite
 from libc.string cimport memcpy, memset
+from cpython.pyport cimport PY_SSIZE_T_MAX, PY_SSIZE_T_MIN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from *:
@@ -288,6 +289,45 @@ cdef void col2im_line(const floating* cols, Py_ssize_t ld, Py_ssize_t col_begin,
                     out_line[cell * sw + offset] += src[cell]
 
 
+# A copy of the core's ``add_three_taps`` (this package builds without tconv's sources).
+cdef inline void add_taps_at(floating* dst, Py_ssize_t x, const floating* a, const floating* b,
+                             const floating* c, Py_ssize_t db, Py_ssize_t dc, Py_ssize_t lo_a, Py_ssize_t hi_a,
+                             Py_ssize_t lo_b, Py_ssize_t hi_b, Py_ssize_t lo_c, Py_ssize_t hi_c) noexcept nogil:
+    cdef floating v = dst[x]
+    if lo_a <= x < hi_a:
+        v += a[x]
+    if lo_b <= x - db < hi_b:
+        v += b[x - db]
+    if lo_c <= x - dc < hi_c:
+        v += c[x - dc]
+    dst[x] = v
+
+
+cdef inline void add_three_taps(floating* dst, const floating* a, const floating* b, const floating* c,
+                                Py_ssize_t db, Py_ssize_t dc, Py_ssize_t lo_a, Py_ssize_t hi_a,
+                                Py_ssize_t lo_b, Py_ssize_t hi_b, Py_ssize_t lo_c, Py_ssize_t hi_c) noexcept nogil:
+    """Three neighbouring taps of one line at stride 1, each element loaded and stored
+    once and taking them in order (``dst[x] += a[x]``, ``+= b[x - db]``, ``+= c[x - dc]``,
+    each on its range ``lo <= index < hi``): the bits of three passes."""
+    cdef Py_ssize_t x, x0 = PY_SSIZE_T_MAX, x1 = PY_SSIZE_T_MIN, lo, hi
+    if lo_a < hi_a:  # x0, x1: the span of the taps that land at all
+        x0, x1 = min(x0, lo_a), max(x1, hi_a)
+    if lo_b < hi_b:
+        x0, x1 = min(x0, lo_b + db), max(x1, hi_b + db)
+    if lo_c < hi_c:
+        x0, x1 = min(x0, lo_c + dc), max(x1, hi_c + dc)
+    lo = max(lo_a, max(lo_b + db, lo_c + dc))  # lo, hi: where all three land (the bulk)
+    hi = min(hi_a, min(hi_b + db, hi_c + dc))
+    if hi <= lo:
+        lo = hi = x1
+    for x in range(x0, lo):
+        add_taps_at(dst, x, a, b, c, db, dc, lo_a, hi_a, lo_b, hi_b, lo_c, hi_c)
+    for x in range(lo, hi):
+        dst[x] = ((dst[x] + a[x]) + b[x - db]) + c[x - dc]
+    for x in range(hi, x1):
+        add_taps_at(dst, x, a, b, c, db, dc, lo_a, hi_a, lo_b, hi_b, lo_c, hi_c)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -312,6 +352,11 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
     # vectorises (the core's col2im_cover does the same)
     cdef bint pairs = (cover and sw == 2 and K2 == 2 and t.first_w[0] == t.first_w[1]
                        and t.last_w[0] == t.last_w[1] and t.offset_w[1] == t.offset_w[0] + 1)
+    # stride 1, 3 wide (3x3 kernels): a line's three taps along W in one pass
+    cdef bint threes = not cover and sw == 1 and K2 == 3
+    cdef Py_ssize_t w
+    cdef Py_ssize_t lo3[3]
+    cdef Py_ssize_t hi3[3]
     cdef const floating* src
     cdef const floating* src_right
     cdef floating* dst
@@ -323,8 +368,8 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
             k0 = k // (K1 * K2)
             k1 = (k // K2) % K1
             k2 = k % K2
-            if pairs and k2 == 1:
-                continue  # (written with tap k - 1)
+            if (pairs and k2 == 1) or (threes and k2 != 0):
+                continue  # (written with tap k - 1, or added with tap k - k2)
             offset = t.offset_w[k2]
             src = cols + (c * K + k) * tile.width
             src_right = src + tile.width
@@ -346,7 +391,14 @@ cdef void col2im_add_tile(const floating* cols, Py_ssize_t channels, const Tile*
                         line = dst + (i0 * I1 + i1) * I2
                         lo = a2 if a2 > t.first_w[k2] else t.first_w[k2]
                         hi = a2 + run - 1 if a2 + run - 1 < t.last_w[k2] else t.last_w[k2]
-                        if pairs:
+                        if threes:
+                            for w in range(3):
+                                lo3[w] = a2 if a2 > t.first_w[w] else t.first_w[w]
+                                hi3[w] = a2 + run if a2 + run <= t.last_w[w] else t.last_w[w] + 1
+                            add_three_taps(line + offset, src + j - a2, src + tile.width + j - a2,
+                                           src + 2 * tile.width + j - a2, t.offset_w[1] - offset,
+                                           t.offset_w[2] - offset, lo3[0], hi3[0], lo3[1], hi3[1], lo3[2], hi3[2])
+                        elif pairs:
                             for u in range(lo, hi + 1):
                                 line[2 * u + offset] = src[j + u - a2] + value
                                 line[2 * u + offset + 1] = src_right[j + u - a2] + value
