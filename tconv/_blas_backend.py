@@ -277,11 +277,12 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     return _phased(plan, geom, itemsize, min_stride=2)
 
 
-def weight_grad_transposed(groups: int, p_taps: int, q: int, columns: int, itemsize: int) -> bool:
-    """Whether the weight gradient, a sum over ``columns`` (N * grid cells), is summed
-    as its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""
-    return (q <= p_taps and columns >= GW_TRANSPOSED_MIN_COLUMNS
-            and groups * q * p_taps * itemsize <= GW_TRANSPOSED_MAX_BYTES)
+def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:
+    """Whether ``gw (Q, P*K) = dY cols^T``, summed over N * grid cells, is summed as
+    its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""
+    p_taps = p * math.prod(geom.kernel)
+    return (q <= p_taps and n * math.prod(geom.grid) >= GW_TRANSPOSED_MIN_COLUMNS
+            and geom.groups * q * p_taps * itemsize <= GW_TRANSPOSED_MAX_BYTES)
 
 
 @functools.lru_cache(maxsize=512)
@@ -378,8 +379,7 @@ class BlasBackend(Backend):
             plan = weight_grad_plan(geom, n, c // geom.groups, second.shape[1] // geom.groups, itemsize)
             route = "im2col"
         if primitive in ("weight_grad", "gather_and_weight_grad") and weight_grad_transposed(
-                geom.groups, c // geom.groups * math.prod(geom.kernel), args[-2].shape[1] // geom.groups,
-                n * math.prod(geom.grid), itemsize):
+                geom, n, c // geom.groups, args[-2].shape[1] // geom.groups, itemsize):  # (args[-2]: the grid)
             return f"{route}: {plan.describe()}, weight gradient summed transposed"
         return f"{route}: {plan.describe()}"
 
@@ -421,8 +421,7 @@ class BlasBackend(Backend):
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
-            weight_grad_transposed(geom.groups, p * math.prod(geom.kernel), q, n * math.prod(geom.grid),
-                                   image_in.itemsize),
+            weight_grad_transposed(geom, n, p, q, image_in.itemsize),
         )
         return out
 
@@ -454,7 +453,7 @@ class BlasBackend(Backend):
         _blas_core.gather_and_weight_grad(
             image_in, weight, grid_in, grad_image, grad_weight, *_spatial(geom), geom.groups,
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
-            weight_grad_transposed(geom.groups, p * math.prod(geom.kernel), q, n * math.prod(geom.grid), itemsize),
+            weight_grad_transposed(geom, n, p, q, itemsize),
         )
 
 

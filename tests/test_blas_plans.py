@@ -86,8 +86,8 @@ def _everything(x, w, wc, b, ndim, backend):
 def _transpose_weight_grads(monkeypatch, transposed: bool, ndim: int) -> None:
     """Make every weight gradient below sum ``gw^T`` (or none), and check that it does."""
     monkeypatch.setattr(blas_backend, "GW_TRANSPOSED_MIN_COLUMNS", 0 if transposed else 10**9)
-    p_taps, q = C_OUT // GROUPS * 3**ndim, C_IN // GROUPS  # the transposed call's image is its output
-    assert blas_backend.weight_grad_transposed(GROUPS, p_taps, q, N * SIZE[ndim] ** ndim, 8) == transposed
+    # the transposed call's gradients map its output (the image) onto its input (the grid)
+    assert blas_backend.weight_grad_transposed(_geometry(ndim), N, C_OUT // GROUPS, C_IN // GROUPS, 8) == transposed
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
