@@ -309,16 +309,14 @@ cdef void col2im_scatter(const Geom* g, const floating* cols, Py_ssize_t tile_co
     cdef floating* dst
     cdef floating* dst_row
     cdef const Row* row
-    # stride 1, 3 wide (3x3 kernels): each row's three taps along W in one pass
-    cdef bint by_threes = sw == 1 and g.kernel[2] == 3
     for c in range(channels):
         dst = image + c * image_stride_c
+        if sw == 1 and g.kernel[2] == 3:  # (3x3 kernels) each row's three taps along W in one pass
+            for k in range(0, g.taps, 3):
+                col2im_three_taps(g, cols + (c * g.taps + k) * tile_cols, tile_cols, k, dst, image_stride_n,
+                                  t, grid_rows, n_rows)
+            continue
         for k in range(g.taps):
-            if by_threes:
-                if k % 3 == 0:
-                    col2im_three_taps(g, cols + (c * g.taps + k) * tile_cols, tile_cols, k, dst, image_stride_n,
-                                      t, grid_rows, n_rows)
-                continue
             tap_at(g, k, &tap)
             src = cols + (c * g.taps + k) * tile_cols
             if t.lt == g.grid_cells:  # whole samples: plain loops over the grid
