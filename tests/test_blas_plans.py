@@ -125,6 +125,39 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
     assert_close(got[0], definition)
 
 
+class _NanEmpty:
+    """``numpy`` with ``empty`` returning NaN-filled arrays: a kernel that reads an
+    output element before writing it passes the NaN on."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float, order="C"):
+        return np.full(shape, np.nan, dtype=dtype, order=order)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("ndim", [1, 2])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_outputs_are_written_not_read(monkeypatch, path, ndim, with_bias, assert_close):
+    """Without a bias the gather's GEMMs write the output (beta 0) instead of adding
+    into a zeroed one: every tiling must still write every element."""
+    for name, value in PATHS[path][0].items():
+        monkeypatch.setattr(blas_backend, name, value)
+    if path == "channel_blocks_interleaved":
+        monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 8 * 3 * 3**ndim * N * SIZE[ndim] ** ndim // 2)
+    rng = np.random.default_rng(ndim)
+    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim)
+    w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
+    wc = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
+    b = rng.standard_normal(C_OUT) if with_bias else None
+    expected = _everything(x, w, wc, b, ndim, "numpy")
+    monkeypatch.setattr(blas_backend, "np", _NanEmpty())
+    for g, e in zip(_everything(x, w, wc, b, ndim, "blas"), expected):
+        assert_close(g, e)
+
+
 @pytest.mark.parametrize("path", ["column_tiles", "folded_plain", "folded_interleaved", "tight_budget"])
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
