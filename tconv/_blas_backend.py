@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _threads
 from ._numpy_backend import NumpyBackend
-from .backend import Backend, Geometry, taps_leave_image
+from .backend import Backend, Geometry, edge_cells_finite, taps_leave_image
 from .registry import get_num_threads
 
 try:
@@ -411,7 +411,7 @@ class BlasBackend(Backend):
         return out
 
     def weight_grad(self, image_in, grid_in, geom):
-        if taps_leave_image(geom) and not np.isfinite(grid_in).all():
+        if taps_leave_image(geom) and not edge_cells_finite(grid_in, geom):
             return _EXACT.weight_grad(image_in, grid_in, geom)  # 0 * NaN: see taps_leave_image
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
@@ -445,7 +445,7 @@ class BlasBackend(Backend):
         packed = 2 * q * plan.cols_per_tile + image_tile if plan.samples_per_tile > 1 else 0
         workspace = (p * math.prod(geom.kernel) * plan.cols_per_tile + packed) * itemsize
         if (identity or workspace > WORKSPACE_BYTES  # (the pair's buffers are a little larger)
-                or (taps_leave_image(geom) and not (np.isfinite(weight).all() and np.isfinite(grid_in).all()))):
+                or (taps_leave_image(geom) and not (np.isfinite(weight).all() and edge_cells_finite(grid_in, geom)))):
             grad_image[...] = self.gather(image_in, weight, None, geom)
             grad_weight[...] = self.weight_grad(image_in, grid_in, geom)
             return

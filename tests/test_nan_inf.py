@@ -219,3 +219,53 @@ def test_nan_in_grad_output_reaches_exactly_the_gradients_that_read_it(backend_n
     want_b = np.zeros(case.c_out, dtype=bool)
     want_b[co] = True
     assert np.array_equal(np.isnan(gb), want_b), "grad_bias NaN cells differ from the definition"
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_nan_in_the_grid_reaches_exactly_the_weight_gradients_that_read_it(backend_name, cases, data):
+    """The weight gradient multiplies the strided side (``x`` of a transposed
+    convolution, ``grad_output`` of a regular one) with the image at the taps
+    that land in it. A NaN at a border cell, some of whose taps leave the
+    image, must not reach those taps' entries (backends check only the
+    border cells for this: ``tconv.backend.edge_cells_finite``)."""
+    case = draw_case(data, cases)
+    rng = np.random.default_rng(case.seed)
+    x, w = nonzero(rng, case.x_shape, case.dtype), nonzero(rng, case.weight_shape, case.dtype)
+    dy = nonzero(rng, case.out_shape, case.dtype)
+    grid = x if case.transposed else dy
+    grid_b = grid.reshape(batched_shape(case, grid.shape))
+    # a corner, an edge or anywhere, along each spatial dim
+    n, c = pick_cell(rng, grid_b.shape[:2])
+    cell = tuple(int(rng.choice([0, size - 1, rng.integers(0, size)])) for size in grid_b.shape[2:])
+    grid_b[(n, c, *cell)] = np.nan
+    gw = case.backward_function(dy, x, w, **case.kwargs(), backend=backend_name)[1]
+    image_size = case.out_size if case.transposed else case.in_size
+    # weight (C_in, C_out/g, *k) of a transposed conv: c is an input channel; (C_out, C_in/g, *k)
+    # of a regular one: c is an output channel. Either way its row of the weight gradient.
+    want = np.zeros(gw.shape, dtype=bool)
+    for tap in taps(case):
+        if inside(image_pos(case, cell, tap), image_size):
+            want[(c, slice(None), *tap)] = True
+    assert np.array_equal(np.isnan(gw), want), (
+        f"grad_weight NaN entries {np.argwhere(np.isnan(gw) != want)[:5].tolist()} differ from the "
+        f"definition (grid cell {cell} of channel {c} poisoned)"
+    )
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(grid=st.integers(1, 9), kernel=st.integers(1, 6), stride=st.integers(1, 4), dilation=st.integers(1, 3),
+       pad=st.integers(-3, 8), extra=st.integers(-4, 4))
+def test_inner_cells_are_the_cells_whose_taps_all_land_in_the_image(grid, kernel, stride, dilation, pad, extra):
+    """``inner_cells`` against every (cell, tap) pair of one dim, and ``taps_leave_image`` with it."""
+    from tconv.backend import Geometry, inner_cells, taps_leave_image
+
+    image = max(1, (grid - 1) * stride - pad + (kernel - 1) * dilation + 1 + extra)
+    inside_all = [all(0 <= cell * stride - pad + tap * dilation < image for tap in range(kernel))
+                  for cell in range(grid)]
+    geom = Geometry(image=(1, 1, image), grid=(1, 1, grid), kernel=(1, 1, kernel), stride=(1, 1, stride),
+                    dilation=(1, 1, dilation), pad_begin=(0, 0, pad), groups=1)
+    lo, hi = inner_cells(geom)[2]
+    assert inner_cells(geom)[:2] == ((0, 1), (0, 1))
+    assert inside_all == [lo <= cell < hi for cell in range(grid)]
+    assert taps_leave_image(geom) == (not all(inside_all))
