@@ -6,6 +6,7 @@
 
 import os
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -25,6 +26,8 @@ extensions = [
     Extension(
         "tconv._blas_core",
         ["tconv/_blas_core.pyx"],
+        include_dirs=[numpy.get_include()],  # NumPy's C API: ScatterCall reads arrays through it
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )

@@ -286,34 +286,26 @@ def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int
 
 
 @functools.lru_cache(maxsize=512)
-def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype) -> tuple:
-    """``(kernel, output shape, the kernel's arguments after the output)`` of a
-    transposed convolution, planned once per shape (the route, its plan and the
-    BLAS size checks): a layer called in a loop goes straight to its kernel. The
-    kernel is None for the ``"flipped-gather"`` route (a ``gather``), else the
-    kernel's specialisation for ``dtype``: calling a fused-type function picks
-    one from its arguments' types (0.1-0.3 us of the seed's ~7 us call)."""
+def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype):
+    """The compiled call (``_blas_core.ScatterCall``) of a transposed convolution,
+    planned once per shape (the route, its plan and the BLAS size checks): a
+    layer called in a loop goes straight to its kernel. None for the
+    ``"flipped-gather"`` route (a ``gather``)."""
     route = scatter_route(geom, c_in // geom.groups)
-    out_shape = (n, q * geom.groups, *geom.image)
+    if route == "flipped-gather":
+        return None
+    shape = (dtype, n, c_in, q, *_spatial(geom), geom.groups)
     if route == "single-cell":
         _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
-        return _specialised(_blas_core.scatter_single_cell, dtype), out_shape, (geom.groups,)
-    if route == "flipped-gather":
-        return None, out_shape, ()
+        return _blas_core.ScatterCall(route, *shape)
     if route == "patches":
         cells, q_block = patch_plan(geom, q, dtype.itemsize)
         _check_blas_ints(q * math.prod(geom.kernel), c_in, math.prod(geom.grid))
-        kernel = _specialised(_blas_core.scatter_patches, dtype)
-        return kernel, out_shape, (*_spatial(geom), geom.groups, cells, q_block)
+        return _blas_core.ScatterCall(route, *shape, (cells, q_block))
     plan = scatter_plan(geom, n, c_in // geom.groups, q, dtype.itemsize)
-    return _specialised(_blas_core.scatter, dtype), out_shape, (
-        *_spatial(geom), geom.groups, plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles,
-        plan.row_block, plan.interleaved, covers_exactly(geom), plan.phased)
-
-
-def _specialised(kernel, dtype: np.dtype):
-    """``kernel``'s compiled version for ``dtype`` (float32 or float64)."""
-    return kernel["float" if dtype == np.float32 else "double"]
+    return _blas_core.ScatterCall(
+        route, *shape, (plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.row_block),
+        plan.interleaved, covers_exactly(geom), plan.phased)
 
 
 def clear_plan_caches() -> None:
@@ -347,13 +339,11 @@ class BlasBackend(Backend):
             _blas_core.release_workspace()
 
     def scatter(self, grid_in, weight, bias, geom):
-        kernel, out_shape, args = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
-        if kernel is None:
+        call = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
+        if call is None:
             return self._scatter_as_flipped_gather(grid_in, weight, bias, geom)
-        out = np.empty(out_shape, dtype=grid_in.dtype)
         self._set_blas_threads()
-        kernel(grid_in, weight, *_bias_arg(bias, grid_in.dtype), out, *args)
-        return out
+        return call(grid_in, weight, bias)
 
     def describe_plan(self, primitive: str, *args) -> str:
         """How ``primitive`` (``"scatter"``, ``"gather"``, ``"weight_grad"``) would run

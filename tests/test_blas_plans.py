@@ -455,3 +455,21 @@ def test_samples_with_large_grids_are_not_folded(assert_close):
     for got, want in zip(tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="blas"),
                          tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="numpy")):
         assert_close(got, want)
+
+
+def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
+    """``ScatterCall`` reads data pointers, so it checks dtype, C order and size itself."""
+    geom = _geometry(2)
+    q = C_OUT // GROUPS
+    call = blas_backend._scatter_call(geom, N, C_IN, q, np.dtype(np.float64))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C_IN, *geom.grid))
+    w = rng.standard_normal((C_IN, q, *geom.kernel))
+    b = rng.standard_normal(C_OUT)
+    assert_close(call(x, w, b), tconv.registry.resolve_backend("numpy").scatter(x, w, b, geom))
+    for bad, name in [((x.astype(np.float32), w, b), "grid_in"), ((x[:-1], w, b), "grid_in"),
+                      ((x, np.asfortranarray(w), b), "weight"), ((x, w, b[:-1]), "bias")]:
+        with pytest.raises(ValueError, match=f"{name} must be a C-contiguous float64 array"):
+            call(*bad)
+    with pytest.raises(TypeError):
+        call(list(x), w, None)
