@@ -26,7 +26,9 @@ extensions = [
     Extension(
         "tconv._blas_core",
         ["tconv/_blas_core.pyx"],
-        include_dirs=[numpy.get_include()],  # NumPy's C API: ScatterCall reads arrays through it
+        # NumPy's C API (ScatterCall reads arrays through it) and tconv/_simd.h
+        include_dirs=[numpy.get_include(), "tconv"],
+        depends=["tconv/_simd.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

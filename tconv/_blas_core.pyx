@@ -733,6 +733,34 @@ cdef void unpack_add_tile(const floating* src, Py_ssize_t rows, floating* dst, P
 # accumulator laid out (channel, image cell, sample) the same way; one
 # transposing store at the end writes each output element exactly once.
 
+cdef extern from "_simd.h" nogil:
+    void transpose4_f32(const float* src, Py_ssize_t src_stride, float* dst, Py_ssize_t dst_stride)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void transpose_block(const floating* src, Py_ssize_t src_stride, Py_ssize_t rows, Py_ssize_t cols,
+                          floating* dst, Py_ssize_t dst_stride) noexcept nogil:
+    """dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols.
+
+    float32 in 4 x 4 blocks through SSE registers (``_simd.h``), four source
+    rows at a time, so that reads stream and the writes of a sweep stay in L1;
+    float64 and the edges element by element.
+    """
+    cdef Py_ssize_t i, j, k, rows4 = 0, cols4
+    if floating is float:
+        rows4, cols4 = rows - rows % 4, cols - cols % 4
+        for i in range(0, rows4, 4):
+            for j in range(0, cols4, 4):
+                transpose4_f32(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride)
+            for k in range(i, i + 4):
+                for j in range(cols4, cols):
+                    dst[j * dst_stride + k] = src[k * src_stride + j]
+    for i in range(rows4, rows):
+        for j in range(cols):
+            dst[j * dst_stride + i] = src[i * src_stride + j]
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void pack_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows,
@@ -740,17 +768,12 @@ cdef void pack_interleaved(const floating* src, Py_ssize_t stride_n, Py_ssize_t 
     """dst[r * ld + l * nt + s] = src[(n0 + s) * stride_n + r * cells + l] (whole samples).
 
     Packs a folded tile's grid operand (``cells`` = grid cells, ``ld`` = tile
-    columns) or its image (``cells`` = image cells) sample-minor.
+    columns) or its image (``cells`` = image cells) sample-minor: per row, an
+    (nt x cells) block transposed.
     """
-    cdef Py_ssize_t r, s, l, nt = t.nt
-    cdef const floating* a
-    cdef floating* b
+    cdef Py_ssize_t r
     for r in range(rows):
-        for s in range(nt):
-            a = src + (t.n0 + s) * stride_n + r * cells
-            b = dst + r * ld + s
-            for l in range(cells):
-                b[l * nt] = a[l]
+        transpose_block(src + t.n0 * stride_n + r * cells, stride_n, t.nt, cells, dst + r * ld, t.nt)
 
 
 @cython.boundscheck(False)
@@ -821,29 +844,13 @@ cdef void im2col_gather_interleaved(const Geom* g, const floating* image, Py_ssi
                     memset(line + hi * nt, 0, (run - hi * nt) * sizeof(floating))
 
 
-cdef enum:
-    STORE_BLOCK = 64
-
-
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void store_interleaved(const floating* acc, Py_ssize_t channels, Py_ssize_t cells,
                             floating* out, Py_ssize_t stride_n, Py_ssize_t nt) noexcept nogil:
-    """out[s * stride_n + c * cells + i] = acc[(c * cells + i) * nt + s].
-
-    A transpose, in blocks of STORE_BLOCK accumulator rows: the block's cache
-    lines are read nt times while they are still in L1.
-    """
-    cdef Py_ssize_t s, i, i0, i1, n_values = channels * cells
-    cdef floating* b
-    i0 = 0
-    while i0 < n_values:
-        i1 = i0 + STORE_BLOCK if i0 + STORE_BLOCK < n_values else n_values
-        for s in range(nt):
-            b = out + s * stride_n
-            for i in range(i0, i1):
-                b[i] = acc[i * nt + s]
-        i0 = i1
+    """out[s * stride_n + c * cells + i] = acc[(c * cells + i) * nt + s]: the
+    (channels * cells x nt) accumulator transposed into the tile's samples."""
+    transpose_block(acc, nt, channels * cells, nt, out, stride_n)
 
 
 cdef inline Tile tile_at(Py_ssize_t index, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_sample_tile,

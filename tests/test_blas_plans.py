@@ -74,10 +74,10 @@ def _everything(x, w, wc, b, ndim, backend):
     ct, ctb = getattr(tconv, f"conv_transpose{ndim}d"), getattr(tconv, f"conv_transpose{ndim}d_backward")
     cv, cvb = getattr(tconv, f"conv{ndim}d"), getattr(tconv, f"conv{ndim}d_backward")
     y = ct(x, w, b, **KW, backend=backend)
-    dy = np.cos(np.arange(y.size)).reshape(y.shape)
+    dy = np.cos(np.arange(y.size)).reshape(y.shape).astype(y.dtype)
     conv_kw = dict(stride=2, padding=1, groups=GROUPS)
     z = cv(y, wc, b[:C_IN] if b is not None else None, **conv_kw, backend=backend)
-    dz = np.sin(np.arange(z.size)).reshape(z.shape)
+    dz = np.sin(np.arange(z.size)).reshape(z.shape).astype(z.dtype)
     needs = ("input", "weight")
     return [y, *ctb(dy, x, w, **KW, needs=needs, backend=backend)[:2],
             z, *cvb(dz, y, wc, **conv_kw, needs=needs, backend=backend)[:2]]
@@ -94,7 +94,8 @@ def _transpose_weight_grads(monkeypatch, transposed: bool, ndim: int) -> None:
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("gw_transposed", [False, True])
-def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, gw_transposed, assert_close):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # (float32 packs sample-minor tiles in 4x4 blocks)
+def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, gw_transposed, dtype, assert_close):
     constants, described = PATHS[path]
     for name, value in constants.items():
         assert hasattr(blas_backend, name), name
@@ -104,11 +105,12 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
         # room for 1.5 output channels' rows (3**ndim each) over all N * cells columns
         monkeypatch.setattr(blas_backend, "WORKSPACE_BYTES", 8 * 3 * 3**ndim * N * SIZE[ndim] ** ndim // 2)
     rng = np.random.default_rng(ndim)
-    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim)
-    w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
-    wc = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim)
-    b = rng.standard_normal(C_OUT) if with_bias else None
+    x = rng.standard_normal((N, C_IN) + (SIZE[ndim],) * ndim).astype(dtype)
+    w = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim).astype(dtype)
+    wc = rng.standard_normal((C_IN, C_OUT // GROUPS) + (3,) * ndim).astype(dtype)
+    b = rng.standard_normal(C_OUT).astype(dtype) if with_bias else None
     got = _everything(x, w, wc, b, ndim, "blas")
+    assert all(g.dtype == dtype for g in got)
     plans = _plans(ndim)
     for plan in plans:
         assert described in plan.describe(), plan
@@ -451,7 +453,7 @@ def test_samples_with_large_grids_are_not_folded(assert_close):
                  blas_backend.weight_grad_plan(geom, 3, 3, 2, 8)):
         assert plan.samples_per_tile == 1, plan
     assert_close(y, tconv.conv_transpose2d(x, w, **kw, backend="numpy"))
-    dy = np.cos(np.arange(y.size)).reshape(y.shape)
+    dy = np.cos(np.arange(y.size)).reshape(y.shape).astype(y.dtype)
     for got, want in zip(tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="blas"),
                          tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="numpy")):
         assert_close(got, want)
