@@ -71,6 +71,8 @@ extensions = [
     Extension(
         "tconv_openmp._kernels",
         ["tconv_openmp/_kernels.pyx"],
+        include_dirs=["tconv_openmp"],  # _simd.h
+        depends=["tconv_openmp/_simd.h"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )

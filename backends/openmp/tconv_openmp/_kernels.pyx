@@ -500,6 +500,31 @@ cdef void col2im_phased_tile(const floating* cols, Py_ssize_t channels, const Ti
 # an accumulator laid out (channel, image cell, sample), which one transposing
 # store writes out. Same order of additions per element as col2im_add_tile.
 
+cdef extern from "_simd.h" nogil:
+    void transpose4_f32(const float* src, Py_ssize_t src_stride, float* dst, Py_ssize_t dst_stride)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void transpose_block(const floating* src, Py_ssize_t src_stride, Py_ssize_t rows, Py_ssize_t cols,
+                          floating* dst, Py_ssize_t dst_stride) noexcept nogil:
+    """dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: float32
+    in 4 x 4 blocks through SSE registers (``_simd.h``), the rest one by one (as the
+    core's ``transpose_block``)."""
+    cdef Py_ssize_t i, j, k, rows4 = 0, cols4
+    if floating is float:
+        rows4, cols4 = rows - rows % 4, cols - cols % 4
+        for i in range(0, rows4, 4):
+            for j in range(0, cols4, 4):
+                transpose4_f32(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride)
+            for k in range(i, i + 4):
+                for j in range(cols4, cols):
+                    dst[j * dst_stride + k] = src[k * src_stride + j]
+    for i in range(rows4, rows):
+        for j in range(cols):
+            dst[j * dst_stride + i] = src[i * src_stride + j]
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void pack_interleaved(const floating* src, Py_ssize_t sample_stride, Py_ssize_t rows,
@@ -508,17 +533,12 @@ cdef void pack_interleaved(const floating* src, Py_ssize_t sample_stride, Py_ssi
     """``dst[r * ld + j * ns + i] = src[(sample0 + i) * sample_stride + r * row_stride + j]``, j < cells.
 
     A folded tile's grid operand (cells = grid cells, ld = tile width) or its
-    image (cells = image cells), sample-minor.
+    image (cells = image cells), sample-minor: per row, an (ns x cells) block transposed.
     """
-    cdef Py_ssize_t r, i, j
-    cdef const floating* a
-    cdef floating* b
+    cdef Py_ssize_t r
     for r in range(rows):
-        for i in range(ns):
-            a = src + (sample0 + i) * sample_stride + r * row_stride
-            b = dst + r * ld + i
-            for j in range(cells):
-                b[j * ns] = a[j]
+        transpose_block(src + sample0 * sample_stride + r * row_stride, sample_stride, ns, cells,
+                        dst + r * ld, ns)
 
 
 @cython.boundscheck(False)
@@ -593,25 +613,12 @@ cdef void col2im_add_interleaved(const floating* cols, Py_ssize_t channels, cons
                             dst_run[u * step + i] += src_run[u * ns + i]
 
 
-cdef enum:
-    STORE_BLOCK = 64
-
-
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void store_interleaved(const floating* acc, Py_ssize_t values, Py_ssize_t ns,
                             floating* out, Py_ssize_t sample_stride) noexcept nogil:
-    """``out[i * sample_stride + v] = acc[v * ns + i]``: a transpose, in blocks whose
-    cache lines stay in L1 while they are read ``ns`` times."""
-    cdef Py_ssize_t i, v, v0 = 0, v1
-    cdef floating* b
-    while v0 < values:
-        v1 = v0 + STORE_BLOCK if v0 + STORE_BLOCK < values else values
-        for i in range(ns):
-            b = out + i * sample_stride
-            for v in range(v0, v1):
-                b[v] = acc[v * ns + i]
-        v0 = v1
+    """``out[i * sample_stride + v] = acc[v * ns + i]``: the (values x ns) accumulator transposed."""
+    transpose_block(acc, ns, values, ns, out, sample_stride)
 
 
 # --------------------------------------------------------------------------- #
