@@ -460,7 +460,8 @@ def test_samples_with_large_grids_are_not_folded(assert_close):
 
 
 def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
-    """``ScatterCall`` reads data pointers, so it checks dtype, C order and size itself."""
+    """``ScatterCall`` reads data pointers, so it checks dtype, C order, alignment,
+    byte order and size itself."""
     geom = _geometry(2)
     q = C_OUT // GROUPS
     call = blas_backend._scatter_call(geom, N, C_IN, q, np.dtype(np.float64))
@@ -469,9 +470,13 @@ def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
     w = rng.standard_normal((C_IN, q, *geom.kernel))
     b = rng.standard_normal(C_OUT)
     assert_close(call(x, w, b), tconv.registry.resolve_backend("numpy").scatter(x, w, b, geom))
+    swapped = x.astype(x.dtype.newbyteorder())
+    unaligned = np.frombuffer(b"\0" + x.tobytes(), dtype=np.uint8)[1:].view(np.float64).reshape(x.shape)
+    assert not unaligned.flags.aligned
     for bad, name in [((x.astype(np.float32), w, b), "grid_in"), ((x[:-1], w, b), "grid_in"),
+                      ((swapped, w, b), "grid_in"), ((unaligned, w, b), "grid_in"),
                       ((x, np.asfortranarray(w), b), "weight"), ((x, w, b[:-1]), "bias")]:
-        with pytest.raises(ValueError, match=f"{name} must be a C-contiguous float64 array"):
+        with pytest.raises(ValueError, match=f"{name} must be a C-contiguous, aligned, native float64"):
             call(*bad)
     with pytest.raises(TypeError):
         call(list(x), w, None)
