@@ -12,8 +12,9 @@ and a layer called in a loop allocates nothing after its first call.
 A transposed convolution takes one of four routes (``scatter_route``):
 GEMM + col2im in general; one GEMM straight into the output for a one-cell
 grid; at stride 1 with deep reductions, a regular convolution (im2col +
-GEMM) with the flipped kernel; for kernels wider than the grid, GEMM +
-col2im of whole kernel rows ("patches").
+GEMM) with the flipped kernel; for kernels wider than the grid (or 8 wide,
+unless a whole sample's columns are small enough for the phase-major
+col2im), GEMM + col2im of whole kernel rows ("patches").
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ INTERLEAVE_MIN_SAMPLES = 8
 #: and k64 s32 upsampling run about twice as fast).
 PATCH_MIN_KERNEL_WIDTH = 8
 
+#: ... unless one sample's column buffer fits this: then the tile is the whole
+#: sample and col2im goes through the phase-major accumulator, where every
+#: tap adds a run as long as the grid (``PHASED_MAX_BYTES`` bounds that
+#: buffer). FSRCNN's k9 s3 (81 rows x 4096 cells, 1.3 MiB) at 1 thread,
+#: interleaved medians of 9: 0.94 -> 0.67 and 0.91 -> 0.82 ms; FCN-8s (16.9 MiB
+#: a sample) is twice as slow as plain col2im as it is through patches.
+WIDE_KERNEL_TILE_BYTES = 4 * 2**20
+
 #: Tiles of whole samples (sample-major) run col2im through each channel's
 #: image stored phase-major (``_blas_core.col2im_phased``), and at strides
 #: past 1 im2col too (``im2col_phased``), when that channel buffer is at most
@@ -121,15 +130,16 @@ class TilePlan:
 
 
 def plan_tiles(n: int, grid_cells: int, rows_per_col: int, packed_rows_per_col: int,
-               itemsize: int, row_unit: int = 0, row_units: int = 0) -> TilePlan:
+               itemsize: int, row_unit: int = 0, row_units: int = 0, cache_bytes: int | None = None) -> TilePlan:
     """Choose tile sizes so that the work buffers stay within ``WORKSPACE_BYTES``.
 
     ``rows_per_col`` elements of column buffer and ``packed_rows_per_col``
     elements of packed operand are needed per GEMM column (the latter only
-    when samples are folded). For scatter, ``row_units`` output channels of
-    ``row_unit`` rows each may be split into blocks when even a narrow tile
-    would not fit.
+    when samples are folded), aiming at ``cache_bytes`` (``CACHE_TILE_BYTES``)
+    a tile. For scatter, ``row_units`` output channels of ``row_unit`` rows
+    each may be split into blocks when even a narrow tile would not fit.
     """
+    cache_bytes = CACHE_TILE_BYTES if cache_bytes is None else cache_bytes
     budget = WORKSPACE_BYTES // itemsize
     min_cols = min(grid_cells * n, MIN_GEMM_COLUMNS)
     row_block = row_units
@@ -138,7 +148,7 @@ def plan_tiles(n: int, grid_cells: int, rows_per_col: int, packed_rows_per_col: 
         rows_per_col = row_block * row_unit
     foldable = n > 1 and grid_cells < FOLD_MAX_CELLS
     per_col = max(1, rows_per_col + (packed_rows_per_col if foldable else 0))
-    wanted = max(min_cols, CACHE_TILE_BYTES // itemsize // per_col)
+    wanted = max(min_cols, cache_bytes // itemsize // per_col)
     cols = max(1, min(wanted, budget // per_col))
     if foldable and grid_cells < cols:  # fold whole samples into one GEMM
         samples = min(n, cols // grid_cells)
@@ -161,21 +171,33 @@ def _spatial(geom: Geometry) -> tuple:
 
 
 @functools.lru_cache(maxsize=512)
-def scatter_route(geom: Geometry, depth: int) -> str:
+def scatter_route(geom: Geometry, depth: int, q: int, itemsize: int) -> str:
     """How a transposed convolution runs: ``"single-cell"`` (one GEMM, no col2im),
     ``"flipped-gather"`` (stride 1, as a regular convolution), ``"patches"``
-    (col2im of whole kernel rows: kernels wider than the grid) or ``"col2im"``.
+    (col2im of whole kernel rows: kernels wider than the grid, or wide ones
+    whose sample is too large for ``wide_kernel_phased``) or ``"col2im"``.
 
-    ``depth`` is C_in / groups, the GEMM's reduction without the kernel.
+    ``depth`` is C_in / groups, the GEMM's reduction without the kernel; ``q``
+    the output channels per group.
     """
     if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
             and geom.dilation == (1, 1, 1)):
         return "single-cell"
     if geom.stride == (1, 1, 1) and depth * math.prod(geom.kernel) >= FLIPPED_GATHER_MIN_DEPTH:
         return "flipped-gather"
-    if geom.kernel[2] >= PATCH_MIN_KERNEL_WIDTH or geom.kernel[2] > geom.grid[2]:
+    if geom.kernel[2] > geom.grid[2]:
+        return "patches"
+    if geom.kernel[2] >= PATCH_MIN_KERNEL_WIDTH and not wide_kernel_phased(geom, q, itemsize):
         return "patches"
     return "col2im"
+
+
+def wide_kernel_phased(geom: Geometry, q: int, itemsize: int) -> bool:
+    """Whether a kernel ``PATCH_MIN_KERNEL_WIDTH`` or more wide runs col2im over whole
+    samples through the phase-major accumulator (``WIDE_KERNEL_TILE_BYTES``)."""
+    return (geom.kernel[2] >= PATCH_MIN_KERNEL_WIDTH and not covers_exactly(geom)
+            and q * math.prod(geom.kernel) * math.prod(geom.grid) * itemsize <= WIDE_KERNEL_TILE_BYTES
+            and phased_acc_bytes(geom, itemsize) <= PHASED_MAX_BYTES)
 
 
 @functools.lru_cache(maxsize=512)
@@ -211,6 +233,10 @@ def scatter_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> TileP
     """Tiles of ``cols (q*K, T) = W^T X``: K rows per output channel, P packed rows."""
     taps, grid_cells = math.prod(geom.kernel), math.prod(geom.grid)
     _check_blas_ints(grid_cells, q * taps, p)
+    if wide_kernel_phased(geom, q, itemsize):  # whole samples, sample-major: phase-major col2im
+        plan = plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q,
+                          cache_bytes=WIDE_KERNEL_TILE_BYTES)
+        return _phased(plan, geom, itemsize)
     plan = plan_tiles(n, grid_cells, q * taps, p, itemsize, row_unit=taps, row_units=q)
     # sample-minor: an accumulator of q image-sized channels per sample
     plan = _sample_minor(plan, lambda extra: plan_tiles(
@@ -291,7 +317,7 @@ def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype):
     planned once per shape (the route, its plan and the BLAS size checks): a
     layer called in a loop goes straight to its kernel. None for the
     ``"flipped-gather"`` route (a ``gather``)."""
-    route = scatter_route(geom, c_in // geom.groups)
+    route = scatter_route(geom, c_in // geom.groups, q, dtype.itemsize)
     if route == "flipped-gather":
         return None
     shape = (dtype, n, c_in, q, *_spatial(geom), geom.groups)
@@ -353,7 +379,7 @@ class BlasBackend(Backend):
         n, c = first.shape[:2]
         itemsize = first.itemsize
         if primitive == "scatter":
-            route = scatter_route(geom, c // geom.groups)
+            route = scatter_route(geom, c // geom.groups, second.shape[1], itemsize)
             if route == "patches":
                 cells, q_block = patch_plan(geom, second.shape[1], itemsize)
                 return f"patches: {cells} grid cells x {q_block} output channels per GEMM"

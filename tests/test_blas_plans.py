@@ -225,7 +225,7 @@ def test_patches_route_matches_the_definition(monkeypatch, budget, ndim, assert_
     geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
                     kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (2,) * ndim,
                     dilation=(1,) * lead + (2,) * ndim, pad_begin=(0,) * lead + (3,) * ndim, groups=groups)
-    assert blas_backend.scatter_route(geom, 2) == "patches"
+    assert blas_backend.scatter_route(geom, 2, 3, 8) == "patches"
     cells, q_block = blas_backend.patch_plan(geom, 3, 8)
     if budget == "channel_blocks":
         assert cells == size**ndim and q_block == 2, (cells, q_block)
@@ -329,7 +329,7 @@ def test_phased_col2im_matches_the_definition(case, ndim, fold, assert_close):
                     kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + tuple(stride),
                     dilation=(1,) * lead + (dilation,) * ndim, pad_begin=(0,) * lead + (padding,) * ndim,
                     groups=2)
-    assert blas_backend.scatter_route(geom, 2) == "col2im"
+    assert blas_backend.scatter_route(geom, 2, 3, 4) == "col2im"
     plan = blas_backend.scatter_plan(geom, n, 2, 3, 4)
     assert plan.phased and (plan.samples_per_tile > 1) == fold, plan
     expected = oracle.conv_transpose_loops(
@@ -432,7 +432,7 @@ def test_three_taps_at_once_add_in_the_plain_order(monkeypatch, case, tiles, dty
     geom = Geometry(image=(1,) + got.shape[2:], grid=(1, 5, 7), kernel=(1, 2, 3), stride=(1, *stride),
                     dilation=(1, dilation, dilation), pad_begin=(0, *padding), groups=2)
     plan = blas_backend.scatter_plan(geom, n, 2, 3, np.dtype(dtype).itemsize)
-    assert blas_backend.scatter_route(geom, 2) == "col2im" and not plan.phased and described in plan.describe()
+    assert blas_backend.scatter_route(geom, 2, 3, np.dtype(dtype).itemsize) == "col2im" and not plan.phased and described in plan.describe()
     assert tiles == "column_tiles" or np.array_equal(got, phased)
     assert_close(got, oracle.conv_transpose_loops(
         x, w, b, stride=stride, pad_begin=padding, pad_end=padding, output_padding=(0, 0),
@@ -480,3 +480,32 @@ def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
             call(*bad)
     with pytest.raises(TypeError):
         call(list(x), w, None)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_wide_kernels_go_phased_when_a_sample_fits(monkeypatch, fits, ndim, assert_close):
+    """Kernels 8 or more wide take col2im through the phase-major accumulator, on
+    whole samples, when a sample's columns fit ``WIDE_KERNEL_TILE_BYTES`` (FSRCNN's
+    k9 s3), else the patches route; both give the definition's result."""
+    if not fits:
+        monkeypatch.setattr(blas_backend, "WIDE_KERNEL_TILE_BYTES", 1024)
+    rng = np.random.default_rng(ndim)
+    n, c_in, c_out, size, kernel = 3, 4, 2, 10, 9
+    x = rng.standard_normal((n, c_in) + (size,) * ndim)
+    w = rng.standard_normal((c_in, c_out) + (kernel,) * ndim)
+    b = rng.standard_normal(c_out)
+    kwargs = dict(stride=3, padding=4, output_padding=2)
+    got = getattr(tconv, f"conv_transpose{ndim}d")(x, w, b, **kwargs, backend="blas")
+    lead = 3 - ndim
+    geom = Geometry(image=(1,) * lead + got.shape[2:], grid=(1,) * lead + x.shape[2:],
+                    kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (3,) * ndim,
+                    dilation=(1, 1, 1), pad_begin=(0,) * lead + (4,) * ndim, groups=1)
+    route = blas_backend.scatter_route(geom, c_in, c_out, 8)
+    assert route == ("col2im" if fits else "patches")
+    if fits:
+        plan = blas_backend.scatter_plan(geom, n, c_in, c_out, 8)
+        assert plan.phased and not plan.interleaved and plan.cols_per_tile >= size**ndim, plan
+    assert_close(got, oracle.conv_transpose_loops(
+        x, w, b, stride=(3,) * ndim, pad_begin=(4,) * ndim, pad_end=(4,) * ndim,
+        output_padding=(2,) * ndim, dilation=(1,) * ndim, groups=1))
