@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _threads
 from ._numpy_backend import NumpyBackend
-from .backend import Backend, Geometry, edge_cells_finite, taps_leave_image
+from .backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from .registry import get_num_threads
 
 try:
@@ -427,8 +427,6 @@ class BlasBackend(Backend):
         return out
 
     def weight_grad(self, image_in, grid_in, geom):
-        if taps_leave_image(geom) and not edge_cells_finite(grid_in, geom):
-            return _EXACT.weight_grad(image_in, grid_in, geom)  # 0 * NaN: see taps_leave_image
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
         plan = weight_grad_plan(geom, n, p, q, image_in.itemsize)
@@ -439,6 +437,8 @@ class BlasBackend(Backend):
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
             weight_grad_transposed(geom, n, p, q, image_in.itemsize),
         )
+        if weight_grad_needs_exact(out, geom):  # 0 * NaN: see taps_leave_image
+            return _EXACT.weight_grad(image_in, grid_in, geom)
         return out
 
     def gather_and_weight_grad(self, image_in, weight, grid_in, geom):
@@ -461,7 +461,7 @@ class BlasBackend(Backend):
         packed = 2 * q * plan.cols_per_tile + image_tile if plan.samples_per_tile > 1 else 0
         workspace = (p * math.prod(geom.kernel) * plan.cols_per_tile + packed) * itemsize
         if (identity or workspace > WORKSPACE_BYTES  # (the pair's buffers are a little larger)
-                or (taps_leave_image(geom) and not (np.isfinite(weight).all() and edge_cells_finite(grid_in, geom)))):
+                or (taps_leave_image(geom) and not np.isfinite(weight).all())):
             grad_image[...] = self.gather(image_in, weight, None, geom)
             grad_weight[...] = self.weight_grad(image_in, grid_in, geom)
             return
@@ -471,6 +471,8 @@ class BlasBackend(Backend):
             plan.samples_per_tile, plan.cols_per_tile, plan.n_tiles, plan.interleaved, plan.phased,
             weight_grad_transposed(geom, n, p, q, itemsize),
         )
+        if weight_grad_needs_exact(grad_weight, geom):  # 0 * NaN: see taps_leave_image
+            grad_weight[...] = _EXACT.weight_grad(image_in, grid_in, geom)
 
 
 #: Where zero-filled taps would meet a non-finite value, the numpy backend's

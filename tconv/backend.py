@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Backend", "Geometry", "taps_leave_image", "inner_cells", "edge_cells_finite"]
+__all__ = ["Backend", "Geometry", "taps_leave_image", "inner_cells", "weight_grad_needs_exact"]
 
 Triple = tuple[int, int, int]
 
@@ -80,8 +80,8 @@ def taps_leave_image(geom: Geometry) -> bool:
 
     A GEMM-based gather fills such taps with zeros, and ``0 * NaN`` is NaN:
     where this is true, a NaN or Inf weight (gather) or gradient
-    (weight_grad; only its border cells matter, see ``edge_cells_finite``)
-    would reach cells that the definition drops. Backends use this to send
+    (weight_grad; see ``weight_grad_needs_exact``) would reach cells that the
+    definition drops. Backends use this to send
     such calls down an exact path.
     """
     return any(lo > 0 or hi < grid for (lo, hi), grid in zip(inner_cells(geom), geom.grid))
@@ -101,20 +101,17 @@ def inner_cells(geom: Geometry) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def edge_cells_finite(grid_in, geom: Geometry, xp=np) -> bool:
-    """Whether ``grid_in`` (N, C, D, H, W) is finite at every grid cell some tap of
-    which leaves the image: the only cells where a weight gradient's zero-filled
-    taps meet its values (see ``taps_leave_image``; a NaN elsewhere reaches the
-    same results in both). A shell of the grid, not all of it: for k4 s2 p1 on a
-    32x32 grid (DCGAN 64->3) an eighth of its cells (``xp``: the array module)."""
-    inner = grid_in
-    for axis, (lo, hi) in enumerate(inner_cells(geom), start=2):
-        lead = (slice(None),) * axis
-        for edge in (inner[lead + (slice(0, lo),)], inner[lead + (slice(hi, None),)]):
-            if edge.size and not bool(xp.isfinite(edge).all()):
-                return False
-        inner = inner[lead + (slice(lo, hi),)]
-    return True
+def weight_grad_needs_exact(grad_weight, geom: Geometry, xp=np) -> bool:
+    """Whether a weight gradient summed through zero-filled taps must be computed
+    again tap by tap: taps leave the image and ``grad_weight`` is not finite.
+
+    A non-finite value of the grid side makes every product it enters NaN or
+    Inf, zero-filled taps included, and it enters at least one sum: a finite
+    result proves there was none (checking the weight-sized result costs less
+    than checking the grid). A non-finite result may also come from the image
+    side or an overflow; the exact path computes those as the definition does.
+    """
+    return taps_leave_image(geom) and not bool(xp.isfinite(grad_weight).all())
 
 
 class Backend:

@@ -227,8 +227,8 @@ def test_nan_in_the_grid_reaches_exactly_the_weight_gradients_that_read_it(backe
     """The weight gradient multiplies the strided side (``x`` of a transposed
     convolution, ``grad_output`` of a regular one) with the image at the taps
     that land in it. A NaN at a border cell, some of whose taps leave the
-    image, must not reach those taps' entries (backends check only the
-    border cells for this: ``tconv.backend.edge_cells_finite``)."""
+    image, must not reach those taps' entries (backends check the result
+    for this: ``tconv.backend.weight_grad_needs_exact``)."""
     case = draw_case(data, cases)
     rng = np.random.default_rng(case.seed)
     x, w = nonzero(rng, case.x_shape, case.dtype), nonzero(rng, case.weight_shape, case.dtype)

@@ -470,6 +470,31 @@ def test_openmp_backward_pair_in_batch_parts_keeps_nan_and_inf_masks(openmp, mon
         np.testing.assert_allclose(g[finite], e[finite], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_openmp_weight_gradient_keeps_nan_masks_of_border_cells(openmp, monkeypatch, restore_threads, transposed):
+    """The plugin's own weight gradient, with a NaN on the grid side at a border cell
+    (some of its taps leave the image), gives the definition's NaN entries: its
+    result is checked and, not finite, computed again tap by tap."""
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(2)
+    rng = np.random.default_rng(1)
+    if transposed:  # the grid side is x
+        x, w, dy = rng.standard_normal((4, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((4, 4, 9, 9))
+        x[2, 1, 0, 4] = np.nan
+        run = lambda backend: tconv.conv_transpose2d_backward(dy, x, w, stride=2, padding=1, needs=("weight",),
+                                                              backend=backend)[1]
+    else:  # the grid side is grad_output
+        x, w, dy = rng.standard_normal((4, 6, 9, 9)), rng.standard_normal((4, 6, 3, 3)), rng.standard_normal((4, 4, 5, 5))
+        dy[2, 1, 0, 4] = np.nan
+        run = lambda backend: tconv.conv2d_backward(dy, x, w, stride=2, padding=1, needs=("weight",),
+                                                    backend=backend)[1]
+    got, want = run("openmp"), run("numpy")
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-10, atol=1e-10)
+
+
 def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, restore_threads):
     """Batch parts keep their pool when another thread changes the thread budget meanwhile;
     results stay those of any count from 2 up."""

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from tconv._numpy_backend import NumpyBackend
-from tconv.backend import Geometry, edge_cells_finite, taps_leave_image
+from tconv.backend import Geometry, taps_leave_image, weight_grad_needs_exact
 
 #: Upper bound of the column buffer of one chunk (device memory).
 WORKSPACE_BYTES = 256 << 20
@@ -54,8 +54,7 @@ class Engine:
     def _needs_exact(self, geom: Geometry, weight) -> bool:
         """im2col fills off-image taps with zeros, and ``0 * NaN`` is NaN: where
         such taps would meet a non-finite ``weight``, compute tap by tap instead
-        (the weight gradient's check, on its grid's border cells, is
-        ``edge_cells_finite``)."""
+        (the weight gradient checks its result: ``weight_grad_needs_exact``)."""
         return taps_leave_image(geom) and not bool(self.xp.isfinite(weight).all())
 
     def _exact(self, primitive: str, *args):
@@ -107,8 +106,6 @@ class Engine:
         return out.reshape(n, g * q, *geom.grid)
 
     def weight_grad(self, image_in, grid_in, geom: Geometry):
-        if taps_leave_image(geom) and not edge_cells_finite(grid_in, geom, self.xp):
-            return self._exact("weight_grad", image_in, grid_in, geom)
         xp = self.xp
         n, c_img = image_in.shape[:2]
         g = geom.groups
@@ -128,4 +125,7 @@ class Engine:
             ).reshape(g, q, m * cells)
             part = xp.matmul(dy, cols.transpose(0, 2, 1))  # (G, Q, P*K)
             grad = part if grad is None else grad + part
-        return grad.reshape(g * q, p, *geom.kernel)
+        grad = grad.reshape(g * q, p, *geom.kernel)
+        if weight_grad_needs_exact(grad, geom, xp):
+            return self._exact("weight_grad", image_in, grid_in, geom)
+        return grad

@@ -24,7 +24,7 @@ import numpy as np
 from tconv import _threads
 from tconv._blas_backend import BlasBackend, covers_exactly, phased_acc_bytes
 from tconv._numpy_backend import NumpyBackend
-from tconv.backend import Backend, Geometry, edge_cells_finite, taps_leave_image
+from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
 
 from . import _plan
@@ -329,8 +329,6 @@ class OpenMPBackend(Backend):
         if self._on_core(n * g * p * q * taps * cells):
             return _CORE.weight_grad(image_in, grid_in, geom)
         kernels = _kernels()
-        if taps_leave_image(geom) and not edge_cells_finite(grid_in, geom):
-            return _EXACT.weight_grad(image_in, grid_in, geom)
         dtype = image_in.dtype
         plan = _plan.weight_grad_plan(n, g, p * taps, q, cells, taps, math.prod(geom.image), dtype.itemsize)
         tiling = plan.tiling
@@ -344,4 +342,6 @@ class OpenMPBackend(Backend):
             geom.image, geom.grid, geom.kernel, n, g, p, q, _tables(geom),
             plan.rows, tiling.fold, tiling.tile, plan.per_thread, plan.interleaved, threads,
         )
+        if weight_grad_needs_exact(out, geom):  # 0 * NaN: see taps_leave_image
+            return _EXACT.weight_grad(image_in, grid_in, geom)
         return out
