@@ -495,6 +495,29 @@ def test_openmp_weight_gradient_keeps_nan_masks_of_border_cells(openmp, monkeypa
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-10, atol=1e-10)
 
 
+def test_openmp_pair_helpers_stay_off_the_callers_cpu(openmp, monkeypatch, restore_threads):
+    """After a backward pair in batch parts, every pool helper may run on any of the
+    process's CPUs but the one the calling thread was on (Linux; elsewhere nothing is set)."""
+    from tconv_openmp import _plan
+
+    off = openmp.backend._helpers_off_caller_cpu
+    if off._getcpu is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs sched_getcpu, sched_setaffinity and two CPUs")
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    tconv.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((8, 4, 9, 9))
+    got = tconv.conv_transpose2d_backward(dy, x, w, stride=2, padding=1, backend="openmp")
+    want = tconv.conv_transpose2d_backward(dy, x, w, stride=2, padding=1, backend="numpy")
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
+    assert off._helpers and off._caller_cpu >= 0
+    for tid in off._helpers:
+        assert os.sched_getaffinity(tid) == off._allowed - {off._caller_cpu}
+
+
 def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, restore_threads):
     """Batch parts keep their pool when another thread changes the thread budget meanwhile;
     results stay those of any count from 2 up."""
