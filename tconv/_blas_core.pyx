@@ -1484,8 +1484,9 @@ cdef class ScatterCall:
 
     A layer called in a loop comes here on every call, so the arrays are taken
     as they are: their data pointers, after checking dtype, C order, alignment,
-    byte order and element count (what the plan was made for). Typed memoryviews would check more, at
-    0.75 us for four arrays, a tenth of a small layer's whole call.
+    byte order and element count (what the plan was made for). Typed
+    memoryviews would check the shapes too, at 0.75 us for four arrays, a
+    tenth of a small layer's whole call.
     """
     cdef ScatterPlan plan
     cdef int type_num
