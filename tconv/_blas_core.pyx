@@ -1137,25 +1137,12 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
         gemm(c'T', c'N', PK, Q, t.cols, one, cols, t.cols, operand, ld_operand, one, gw_g, PK)
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 cdef void transpose_groups(const floating* src, Py_ssize_t groups, Py_ssize_t rows, Py_ssize_t cols,
                            floating* dst) noexcept nogil:
-    """``dst[g, c, r] = src[g, r, c]`` for each of ``groups`` (rows x cols) blocks,
-    in 32 x 32 blocks so that both sides stay in cache (a weight may be MiBs)."""
-    cdef Py_ssize_t gi, r, c, r0, c0, r1, c1
-    cdef const floating* s
-    cdef floating* d
+    """``dst[g, c, r] = src[g, r, c]`` for each of ``groups`` (rows x cols) blocks."""
+    cdef Py_ssize_t gi
     for gi in range(groups):
-        s = src + gi * rows * cols
-        d = dst + gi * rows * cols
-        for r0 in range(0, rows, 32):  # (a literal step: Cython makes other ranges Python loops)
-            r1 = min(r0 + 32, rows)
-            for c0 in range(0, cols, 32):
-                c1 = min(c0 + 32, cols)
-                for c in range(c0, c1):
-                    for r in range(r0, r1):
-                        d[c * rows + r] = s[r * cols + c]
+        transpose_block(src + gi * rows * cols, cols, rows, cols, dst + gi * rows * cols, rows)
 
 
 @cython.boundscheck(False)
