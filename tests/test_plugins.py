@@ -409,6 +409,15 @@ def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, 
             assert np.array_equal(a, c)
 
 
+def _pairs_in_parts(openmp, monkeypatch) -> None:
+    """Every backward pair, however small, runs in the openmp backend's batch parts."""
+    from tconv_openmp import _plan
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
+    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+
+
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_threads, ndim, dtype, assert_close):
@@ -417,9 +426,7 @@ def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_thread
     summed in part order, and every part's buffers released with the backend's."""
     from tconv_openmp import _plan
 
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    _pairs_in_parts(openmp, monkeypatch)
     rng = np.random.default_rng(ndim)
     n, parts = 7, _plan.PAIR_MAX_PARTS
     x = rng.standard_normal((n, 6) + (5,) * ndim).astype(dtype)
@@ -451,11 +458,7 @@ def test_openmp_backward_pair_in_batch_parts(openmp, monkeypatch, restore_thread
 
 def test_openmp_backward_pair_in_batch_parts_keeps_nan_and_inf_masks(openmp, monkeypatch, restore_threads):
     """A part with a non-finite weight or input takes the tap-by-tap path, as two calls would."""
-    from tconv_openmp import _plan
-
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    _pairs_in_parts(openmp, monkeypatch)
     tconv.set_num_threads(2)
     rng = np.random.default_rng(0)
     x, w, dy = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((8, 4, 9, 9))
@@ -498,14 +501,10 @@ def test_openmp_weight_gradient_keeps_nan_masks_of_border_cells(openmp, monkeypa
 def test_openmp_pair_helpers_stay_off_the_callers_cpu(openmp, monkeypatch, restore_threads):
     """After a backward pair in batch parts, every pool helper may run on any of the
     process's CPUs but the one the calling thread was on (Linux; elsewhere nothing is set)."""
-    from tconv_openmp import _plan
-
     off = openmp.backend._helpers_off_caller_cpu
     if off._getcpu is None or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs sched_getcpu, sched_setaffinity and two CPUs")
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    _pairs_in_parts(openmp, monkeypatch)
     tconv.set_num_threads(2)
     rng = np.random.default_rng(0)
     x, w, dy = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((8, 4, 9, 9))
@@ -524,11 +523,7 @@ def test_openmp_backward_pairs_while_the_budget_changes(openmp, monkeypatch, res
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tconv_openmp import _plan
-
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    _pairs_in_parts(openmp, monkeypatch)
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((8, 6, 5, 5)), rng.standard_normal((6, 4, 3, 3))
     dy = rng.standard_normal((8, 4, 11, 11))
@@ -605,11 +600,7 @@ def test_openmp_backward_batch_parts_leave_blas_at_one_thread(openmp, monkeypatc
     ``blas`` backend set it to two (which once left the parts' GEMMs threaded, 2.5x slower)."""
     from threadpoolctl import threadpool_info
 
-    from tconv_openmp import _plan
-
-    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
-    monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
+    _pairs_in_parts(openmp, monkeypatch)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((4, 8, 9, 9)), rng.standard_normal((8, 8, 3, 3))
     tconv.set_num_threads(2)
