@@ -363,6 +363,7 @@ class BlasBackend(Backend):
     def release_workspace(self) -> None:
         if _blas_core is not None:
             _blas_core.release_workspace()
+            _blas_core.release_results()
 
     def scatter(self, grid_in, weight, bias, geom):
         call = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
@@ -418,7 +419,7 @@ class BlasBackend(Backend):
         n, c_in = image_in.shape[:2]
         q = weight.shape[0] // geom.groups
         plan, identity = gather_plan(geom, n, c_in // geom.groups, q, image_in.itemsize)
-        out = np.empty((n, weight.shape[0], *geom.grid), dtype=image_in.dtype)
+        out = empty_result((n, weight.shape[0], *geom.grid), image_in.dtype)
         self._set_blas_threads()
         _blas_core.gather(
             image_in, weight, *_bias_arg(bias, image_in.dtype), out, *_spatial(geom), geom.groups,
@@ -430,7 +431,7 @@ class BlasBackend(Backend):
         n, c_img = image_in.shape[:2]
         p, q = c_img // geom.groups, grid_in.shape[1] // geom.groups
         plan = weight_grad_plan(geom, n, p, q, image_in.itemsize)
-        out = np.empty((q * geom.groups, p, *geom.kernel), dtype=image_in.dtype)
+        out = empty_result((q * geom.groups, p, *geom.kernel), image_in.dtype)
         self._set_blas_threads()
         _blas_core.weight_grad(
             image_in, grid_in, out, *_spatial(geom), geom.groups,
@@ -444,8 +445,8 @@ class BlasBackend(Backend):
     def gather_and_weight_grad(self, image_in, weight, grid_in, geom):
         """Both from one im2col per tile (``_blas_core.gather_and_weight_grad``): bitwise
         the two separate calls' results, one column buffer pass fewer."""
-        grad_image = np.empty((image_in.shape[0], grid_in.shape[1], *geom.grid), dtype=image_in.dtype)
-        grad_weight = np.empty(weight.shape, dtype=image_in.dtype)
+        grad_image = empty_result((image_in.shape[0], grid_in.shape[1], *geom.grid), image_in.dtype)
+        grad_weight = empty_result(weight.shape, image_in.dtype)
         self.gather_and_weight_grad_into(image_in, weight, grid_in, geom, grad_image, grad_weight)
         return grad_image, grad_weight
 
@@ -480,6 +481,12 @@ class BlasBackend(Backend):
 _EXACT = NumpyBackend()
 
 _NO_BIAS = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
+
+
+def empty_result(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised result array, from the core's pool when large
+    (``_blas_core.empty_result``: no page faults for it in a loop)."""
+    return _blas_core.empty_result(shape, dtype)
 
 
 def _bias_arg(bias, dtype):

@@ -907,6 +907,93 @@ def cached_workspace_bytes():
     return 0 if buffer is None else buffer.nbytes
 
 
+# Large results come from a pool of blocks that outlive them. glibc maps a
+# block past its largest mmap threshold (32 MiB on 64-bit) fresh from the
+# kernel on every malloc and unmaps it on free, so a layer with such an
+# output, called in a loop, had the kernel zero every page of it on every
+# call before the kernel wrote it (U-Net 128->64 at batch 8, a 32 MiB output,
+# 1 thread: 40 ms a call, 31-37 ms with glibc's mmap turned off;
+# ``clear_page_erms`` was 11% of its profile). Smaller blocks glibc reuses by
+# itself. A pooled result is a view of its block through a ``_ResultLease``;
+# when the result and every view of it are gone, the lease gives the block
+# back, and the next result of the same byte size takes it. Pool operations
+# are plain list operations under the GIL, so calls from several threads
+# never get the same block.
+
+#: Results of at least this many bytes are pooled ...
+RESULT_POOL_MIN_BYTES = 32 * 2**20
+#: ... and at most this many bytes of idle blocks are kept (oldest dropped first).
+RESULT_POOL_IDLE_BYTES = 128 * 2**20
+
+_idle_blocks = []  # uint8 arrays no result uses, oldest first
+
+
+cdef class _ResultLease:
+    """The base object of a pooled result: holds its block, and gives it back
+    to the pool when the last array using it is freed."""
+    cdef object block
+
+    def __dealloc__(self):
+        if self.block is None:
+            return
+        try:
+            _idle_blocks.append(self.block)
+            _trim_idle(RESULT_POOL_IDLE_BYTES)
+        except Exception:  # (the interpreter is shutting down: let the block go)
+            pass
+
+
+cdef void _trim_idle(Py_ssize_t keep_bytes):
+    cdef Py_ssize_t idle = sum([block.nbytes for block in _idle_blocks])
+    while _idle_blocks and idle > keep_bytes:
+        idle -= _idle_blocks.pop(0).nbytes
+
+
+def empty_result(shape, dtype):
+    """An uninitialised C-ordered result array; of at least ``RESULT_POOL_MIN_BYTES``,
+    a view of a pooled block (which a dropped earlier result of the same size
+    may have left), else a plain ``np.empty``."""
+    dtype = np.dtype(dtype)
+    cdef Py_ssize_t nbytes = dtype.itemsize
+    cdef cnp.npy_intp dims[32]
+    cdef int nd = len(shape), d
+    for d in range(nd):
+        dims[d] = shape[d]
+        nbytes *= dims[d]
+    if nbytes < RESULT_POOL_MIN_BYTES or nd > 32:
+        return np.empty(shape, dtype)
+    return pooled_result(nd, dims, dtype, nbytes)
+
+
+cdef cnp.ndarray pooled_result(int nd, cnp.npy_intp* dims, object dtype, Py_ssize_t nbytes):
+    cdef _ResultLease lease = _ResultLease()
+    cdef Py_ssize_t i
+    for i in range(len(_idle_blocks) - 1, -1, -1):  # the most recently given back first
+        if _idle_blocks[i].nbytes == nbytes:
+            lease.block = _idle_blocks.pop(i)
+            break
+    else:
+        try:
+            lease.block = np.empty(nbytes, dtype=np.uint8)
+        except MemoryError:
+            _trim_idle(0)  # room for it, then try once more
+            lease.block = np.empty(nbytes, dtype=np.uint8)
+    out = cnp.PyArray_SimpleNewFromData(nd, dims, (<cnp.dtype>dtype).type_num,
+                                        cnp.PyArray_DATA(<cnp.ndarray>lease.block))
+    cnp.set_array_base(out, lease)
+    return out
+
+
+def release_results():
+    """Free the idle pooled result blocks (results still in use keep theirs)."""
+    _trim_idle(0)
+
+
+def idle_result_bytes():
+    """Bytes of pooled result blocks waiting for a next result."""
+    return sum([block.nbytes for block in _idle_blocks])
+
+
 cdef inline size_t aligned(size_t nbytes) noexcept nogil:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
@@ -1271,7 +1358,8 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                            floating[:, :, :, :, ::1] gw_out,
                            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                           Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed):
+                           Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed,
+                           Py_ssize_t first_tile=0, Py_ssize_t end_tile=-1):
     """``gather(image_in, weight)`` into ``out`` (no bias) and ``weight_grad(image_in,
     grid_in)`` into ``gw_out`` from one im2col per tile: a transposed convolution's
     input and weight gradients. With the plan of ``gather`` (not its identity map)
@@ -1309,7 +1397,9 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
         image_tile = packed + Q * cols_per_tile
         acc = <floating*>ws.packed + packed_size if transposed else gw
         memset(acc, 0, gw_size * sizeof(floating))
-        for ti in range(n_tiles):
+        if end_tile < 0:
+            end_tile = n_tiles
+        for ti in range(first_tile, end_tile):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
@@ -1478,7 +1568,8 @@ cdef class ScatterCall:
     cdef ScatterPlan plan
     cdef int type_num
     cdef object dtype
-    cdef Py_ssize_t grid_size, weight_size
+    cdef Py_ssize_t grid_size, weight_size, out_bytes
+    cdef bint pooled
     cdef cnp.npy_intp out_dims[5]
 
     def __init__(self, str route, dtype, Py_ssize_t n, Py_ssize_t c_in, Py_ssize_t q,
@@ -1501,6 +1592,8 @@ cdef class ScatterCall:
         self.out_dims[0], self.out_dims[1] = n, q * groups
         for d in range(3):
             self.out_dims[2 + d] = self.plan.g.image[d]
+        self.out_bytes = n * q * groups * self.plan.g.image_cells * self.dtype.itemsize
+        self.pooled = self.out_bytes >= RESULT_POOL_MIN_BYTES
 
     cdef int check(self, cnp.ndarray array, Py_ssize_t size, str name) except -1:
         # (ISCARRAY_RO: C-contiguous and aligned; ISNOTSWAPPED: native byte order)
@@ -1520,7 +1613,10 @@ cdef class ScatterCall:
         if has_bias:
             self.check(bias, self.out_dims[1], "bias")
             bias_data = cnp.PyArray_DATA(<cnp.ndarray>bias)
-        out = cnp.PyArray_EMPTY(5, self.out_dims, self.type_num, 0)
+        if self.pooled:
+            out = pooled_result(5, self.out_dims, self.dtype, self.out_bytes)
+        else:
+            out = cnp.PyArray_EMPTY(5, self.out_dims, self.type_num, 0)
         with nogil:
             if self.type_num == cnp.NPY_FLOAT32:
                 run_scatter(&self.plan, <const float*>cnp.PyArray_DATA(grid_in),

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, covers_exactly, phased_acc_bytes
+from tconv._blas_backend import BlasBackend, covers_exactly, empty_result, phased_acc_bytes
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
@@ -295,7 +295,7 @@ class OpenMPBackend(Backend):
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize,
                                   _phased_acc(geom), geom.stride[2], covers_exactly(geom))
         tiling = plan.tiling
-        out = np.empty((n, g * q, *geom.image), dtype=dtype)
+        out = empty_result((n, g * q, *geom.image), dtype)
         bias_array, has_bias = _bias(bias, dtype)
         if plan.direct:
             _plan.check_blas_ints(cells, q * taps, p, tiling.width(cells))
@@ -338,7 +338,7 @@ class OpenMPBackend(Backend):
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * tiling.tiles(n, cells)
         threads = self._threads(tasks)
-        out = np.empty((n, g * q, *geom.grid), dtype=dtype)
+        out = empty_result((n, g * q, *geom.grid), dtype)
         work = _scratch("work", threads * plan.per_thread, dtype)
         bias_array, has_bias = _bias(bias, dtype)
         kernels.gather(
@@ -366,7 +366,7 @@ class OpenMPBackend(Backend):
         if parts == 1:
             return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
         bounds = [n * i // parts for i in range(parts + 1)]
-        grad_image = np.empty((n, grid_in.shape[1], *geom.grid), dtype=image_in.dtype)
+        grad_image = empty_result((n, grid_in.shape[1], *geom.grid), image_in.dtype)
         grad_weight = np.empty((parts, *weight.shape), dtype=image_in.dtype)
 
         parts_left = iter(range(parts))  # shared: next() on it is atomic under the GIL
@@ -410,7 +410,7 @@ class OpenMPBackend(Backend):
         _plan.check_blas_ints(cells, p * taps, q, tiling.width(cells))
         tasks = g * -(-(p * taps) // plan.rows)
         threads = self._threads(tasks)
-        out = np.empty((g * q, p, *geom.kernel), dtype=dtype)
+        out = empty_result((g * q, p, *geom.kernel), dtype)
         work = _scratch("work", threads * plan.per_thread, dtype)
         kernels.weight_grad(
             _flat(image_in), _flat(grid_in), _flat(out), work,
