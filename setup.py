@@ -26,9 +26,9 @@ extensions = [
     Extension(
         "tconv._blas_core",
         ["tconv/_blas_core.pyx"],
-        # NumPy's C API (ScatterCall reads arrays through it) and tconv/_simd.h
+        # NumPy's C API (ScatterCall reads arrays through it), tconv/_simd.h, tconv/_small_gemm.h
         include_dirs=[numpy.get_include(), "tconv"],
-        depends=["tconv/_simd.h"],
+        depends=["tconv/_simd.h", "tconv/_small_gemm.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

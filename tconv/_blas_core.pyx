@@ -20,6 +20,7 @@ memoryviews; the transposed convolution, planned once per shape as a
 and size (a layer called in a loop pays that on every call).
 """
 
+import os
 import threading
 
 import numpy as np
@@ -96,6 +97,84 @@ cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_s
     else:
         dgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <double*>a, &ilda,
               <double*>b, &ildb, &beta, c, &ildc)
+
+
+cdef extern from "_small_gemm.h" nogil:
+    int tconv_small_gemm_ready()
+    void tconv_sgemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t a_row,
+                        Py_ssize_t a_col, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
+                        int accumulate)
+
+# Whether the unpacked kernels of ``_small_gemm.h`` are used: the CPU runs them
+# (AVX-512F) and ``TCONV_SMALL_GEMM=0`` did not turn them off (then every GEMM
+# is BLAS's). Read once, when the module loads.
+cdef bint small_gemm_ready = tconv_small_gemm_ready() and os.environ.get("TCONV_SMALL_GEMM", "1") != "0"
+
+
+def small_gemm_available():
+    """Whether the unpacked float32 GEMMs of ``_small_gemm.h`` are used (AVX-512F, not turned off)."""
+    return bool(small_gemm_ready)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def small_gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, bint a_transposed,
+               bint accumulate, bint through_blas=False):
+    """Row-major ``c (=|+=) a @ b`` (``a_transposed``: ``a.T @ b``) by the unpacked kernel,
+    or by BLAS (``through_blas``): the twins the tests and the tuning compare.
+    The caller checks the shapes (and ``small_gemm_available()``, for the kernel)."""
+    # (rows may be strided: each matrix's leading dimension is its row stride)
+    if a.strides[1] != sizeof(float) or b.strides[1] != sizeof(float) or c.strides[1] != sizeof(float):
+        raise ValueError("small_gemm: each matrix's rows must be contiguous")
+    cdef Py_ssize_t m = c.shape[0], n = c.shape[1], k = b.shape[0]
+    cdef Py_ssize_t lda = a.strides[0] // sizeof(float), ldb = b.strides[0] // sizeof(float)
+    cdef Py_ssize_t ldc = c.strides[0] // sizeof(float)
+    with nogil:
+        if through_blas:
+            blas_gemm_rows(m, n, k, &a[0, 0], lda, a_transposed, &b[0, 0], ldb, accumulate, &c[0, 0], ldc)
+        else:
+            tconv_sgemm_nn(m, n, k, &a[0, 0], 1 if a_transposed else lda, lda if a_transposed else 1,
+                           &b[0, 0], ldb, &c[0, 0], ldc, accumulate)
+
+
+cdef enum:
+    # The unpacked kernel runs a row-major product C (M x N) = A (M x K) B (K x N)
+    # where A has SMALL_GEMM_MIN_A to SMALL_GEMM_MAX_A elements (it stays in the
+    # L1 cache beside the kernel's 48-column panel of B) and K <= SMALL_GEMM_MAX_K.
+    # Against OpenBLAS's sgemm, 1 thread, N = 1024, beta 0, medians of 9: M 32-64
+    # x K 48-288 and M 48-144 x K 32-64 (A transposed) x1.2-2.7 (M 64 K 48:
+    # 83 -> 45 us; M 32 K 144: 163 -> 103; M 144 K 32: 133 -> 95); larger A
+    # (M 96-256 x K 64-144) x0.9-1.16; K >= 1024 x0.5-0.84 (B's panel leaves L1);
+    # M 16 K 32 x0.83.
+    SMALL_GEMM_MIN_A = 1024
+    SMALL_GEMM_MAX_A = 8192
+    SMALL_GEMM_MAX_K = 512
+
+
+cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+                           bint a_transposed, const floating* b, Py_ssize_t ldb, bint accumulate,
+                           floating* c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major ``C (m x n) = A (m x k) @ B (k x n)``, or ``+=`` with ``accumulate``; ``A``
+    is row-major with row stride ``lda``, or (``a_transposed``) the transpose of a
+    row-major (k x m) matrix with row stride ``lda``. The unpacked kernel where it
+    wins (``SMALL_GEMM_MAX_A``), else BLAS."""
+    if (floating is float and small_gemm_ready and k <= SMALL_GEMM_MAX_K
+            and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A):
+        tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
+                       <const float*>b, ldb, <float*>c, ldc, accumulate)
+    else:
+        blas_gemm_rows(m, n, k, a, lda, a_transposed, b, ldb, accumulate, c, ldc)
+
+
+cdef inline void blas_gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+                                bint a_transposed, const floating* b, Py_ssize_t ldb, bint accumulate,
+                                floating* c, Py_ssize_t ldc) noexcept nogil:
+    """``gemm_rows`` by BLAS."""
+    cdef floating one = 1, zero = 0
+    # Column-major: C^T (n x m) = B^T (n x k) A^T (k x m); a row-major matrix is
+    # its own transpose in column-major terms, with the same leading dim.
+    gemm(c'N', c'T' if a_transposed else c'N', n, m, k, one, b, ldb, a, lda,
+         one if accumulate else zero, c, ldc)
 
 
 # --------------------------------------------------------------------------- #
@@ -1107,12 +1186,9 @@ cdef int scatter_col2im(const Geom* gp, const floating* x, const floating* w, co
             q0 = 0
             while q0 < Q:
                 qb = q_block if q0 + q_block <= Q else Q - q0
-                # Column-major view of row-major buffers: X_tile (P x T, row stride
-                # ld_operand) is the col-major (T x P) matrix; W_g (P x Q*K) is the
-                # col-major (Q*K x P), of which rows q0*K .. (q0+qb)*K are taken and
-                # transposed. C = cols^T, col-major (T x qb*K) = row-major (qb*K x T).
-                gemm(c'N', c'T', t.cols, qb * K, P, one, operand, ld_operand,
-                     w + gi * P * Q * K + q0 * K, Q * K, zero, cols, t.cols)
+                # cols (qb*K x T) = W_g[:, q0*K .. (q0+qb)*K]^T (qb*K x P) X_tile (P x T)
+                gemm_rows(qb * K, t.cols, P, w + gi * P * Q * K + q0 * K, Q * K, True,
+                          operand, ld_operand, False, cols, t.cols)
                 if interleaved:
                     fill_channels(acc, qb, g.image_cells * t.nt,
                                      bias_ptr + gi * Q + q0 if has_bias else NULL, has_bias)
@@ -1174,24 +1250,19 @@ cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld
     DCGAN 64->3's 19 ms backward).
     """
     cdef Py_ssize_t L = g.grid_cells
-    cdef floating one = 1, zero = 0
-    cdef floating beta = one if has_bias else zero
-    # Column-major: cols (P*K x T, row-major, row stride ld_cols) is col-major (T x P*K);
-    # W_g (Q x P*K, row-major) is col-major (P*K x Q). C = out^T, col-major (T x Q) =
-    # row-major (Q x T), written in place (ld L) or into `result` (ld T).
     if interleaved:  # columns sample-minor: into `result`, then transposed out
         if has_bias:
             fill_channels(result, Q, t.cols, bias_g, has_bias)
-        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, beta, result, t.cols)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, has_bias, result, t.cols)
         store_interleaved(result, Q, L, y_g + t.n0 * c_out * L, c_out * L, t.nt)
     elif folded:
-        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, zero, result, t.cols)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, False, result, t.cols)
         if has_bias:
             unpack_add_tile(result, Q, y_g, c_out * L, L, t)
         else:
             unpack_tile(result, Q, y_g, c_out * L, L, t)
     else:
-        gemm(c'N', c'N', t.cols, Q, PK, one, cols, ld_cols, w_g, PK, beta, y_g + t.n0 * c_out * L + t.l0, L)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, has_bias, y_g + t.n0 * c_out * L + t.l0, L)
 
 
 @cython.boundscheck(False)
@@ -1516,11 +1587,8 @@ cdef int scatter_single_cell(const floating* x, const floating* w, const floatin
     for b in range(n):
         fill_channels(y + b * groups * QK, groups * (QK // K), K, bias_ptr, has_bias)
     for gi in range(groups):
-        # Column-major: W_g (P x QK, row-major) is col-major (QK x P); x (N x C_in,
-        # row-major) is col-major (C_in x N), rows gi*P.. taken; C = out^T, col-major
-        # (QK x N) with ld groups*QK, i.e. out[n, gi*QK + j].
-        gemm(c'N', c'N', QK, n, P, one, w + gi * P * QK, QK, x + gi * P, c_in,
-             one, y + gi * QK, groups * QK)
+        # out[:, gi*QK ..] (N x QK, row stride groups*QK) += x[:, gi*P ..] (N x P) W_g (P x QK)
+        gemm_rows(n, QK, P, x + gi * P, c_in, False, w + gi * P * QK, QK, True, y + gi * QK, groups * QK)
     return 0
 
 

@@ -1,0 +1,117 @@
+/* Single-precision GEMMs for the thin products im2col makes, without packing.
+ *
+ * Row-major throughout (unlike the BLAS calls next to them):
+ *   tconv_sgemm_nn:  C (M x N)  = or +=  A (M x K) . B (K x N)
+ *   tconv_sgemm_nt:  C (M x N)  = or +=  A (M x K) . B (N x K)^T
+ * with row strides lda, ldb, ldc; tconv_sgemm_nn reads A[i, p] at
+ * a[i * a_row + p * a_col] (a_col = 1, a_row = lda: row-major; a_row = 1: A
+ * is the transpose of a row-major matrix with row stride a_col).
+ *
+ * Why: where one side of a product is short (a backward pass's K = C * taps
+ * of 48-144, or its 32-64 output channels), OpenBLAS copies ("packs") both
+ * operands into its own layout first and that copy costs about as much as
+ * the multiply (DCGAN 64->3's backward: 25% of the time in packing, 7% more
+ * zeroing C for beta 0). These kernels read the operands where they are:
+ * NN keeps an 8 x 48 block of C in 24 AVX-512 registers, broadcasting A and
+ * loading rows of B; NT keeps 4 x 6 dot products, each a register of 16
+ * partial sums along K, added up at the end.
+ *
+ * AVX-512F only, checked at run time (tconv_small_gemm_ready); elsewhere the
+ * callers keep using BLAS, and these functions are never called.
+ */
+#ifndef TCONV_SMALL_GEMM_H
+#define TCONV_SMALL_GEMM_H
+
+#include <stddef.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+
+#define TCONV_AVX512 __attribute__((target("avx512f")))
+
+static int tconv_small_gemm_ready(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+static inline TCONV_AVX512 __mmask16 tconv_mask(ptrdiff_t left)
+{
+    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+/* One block of C, rows < 8, columns < 48 (mr, nr: how many are real). */
+static inline TCONV_AVX512 void tconv_nn_block(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
+                                               const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
+                                               const float* b, ptrdiff_t ldb,
+                                               float* c, ptrdiff_t ldc, int accumulate)
+{
+    __m512 acc[8][3];
+    __mmask16 mask[3];
+    int i, v;
+    ptrdiff_t p;
+    for (v = 0; v < 3; v++)
+        mask[v] = tconv_mask(nr - 16 * v);
+    for (i = 0; i < 8; i++)
+        for (v = 0; v < 3; v++)
+            acc[i][v] = _mm512_setzero_ps();
+    if (mr == 8 && nr == 48) {
+        for (p = 0; p < k; p++) {
+            const float* row = b + p * ldb;
+            __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16), b2 = _mm512_loadu_ps(row + 32);
+#pragma GCC unroll 8
+            for (i = 0; i < 8; i++) {
+                __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
+                acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+                acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+            }
+        }
+    } else {
+        for (p = 0; p < k; p++) {
+            const float* row = b + p * ldb;
+            __m512 b0 = _mm512_maskz_loadu_ps(mask[0], row), b1 = _mm512_maskz_loadu_ps(mask[1], row + 16),
+                   b2 = _mm512_maskz_loadu_ps(mask[2], row + 32);
+#pragma GCC unroll 8
+            for (i = 0; i < 8; i++) {
+                if (i < mr) {
+                    __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
+                    acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+                    acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+                }
+            }
+        }
+    }
+    for (i = 0; i < mr; i++) {
+        float* out = c + i * ldc;
+        for (v = 0; v < 3; v++) {
+            __m512 r = acc[i][v];
+            if (accumulate)
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[v], out + 16 * v));
+            _mm512_mask_storeu_ps(out + 16 * v, mask[v], r);
+        }
+    }
+}
+
+static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
+                                        ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                        int accumulate)
+{
+    ptrdiff_t i, j;
+    /* column blocks outside: a K x 48 panel of B stays in L1 while every row block reads it */
+    for (j = 0; j < n; j += 48)
+        for (i = 0; i < m; i += 8)
+            tconv_nn_block(m - i < 8 ? m - i : 8, n - j < 48 ? n - j : 48, k,
+                           a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+}
+
+#else  /* not GCC/Clang on x86-64: BLAS only */
+
+static int tconv_small_gemm_ready(void) { return 0; }
+static void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
+                           ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                           int accumulate) {}
+
+#endif
+#endif

@@ -1,0 +1,68 @@
+"""The unpacked float32 GEMM (``tconv/_small_gemm.h``) and the BLAS call beside it,
+against float64 NumPy products, and layers whose GEMMs take it against the
+``numpy`` backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tconv
+
+_blas_core = pytest.importorskip("tconv._blas_core")
+
+
+def _strided(rng, rows: int, cols: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (rows x cols) float32 view whose rows are ``pad`` elements longer, and its parent."""
+    parent = rng.standard_normal((rows, cols + pad)).astype(np.float32)
+    return parent[:, :cols], parent
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 110), k=st.integers(1, 70), pad=st.integers(0, 5),
+       a_transposed=st.booleans(), accumulate=st.booleans(), through_blas=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, accumulate, through_blas, seed):
+    if not through_blas and not _blas_core.small_gemm_available():
+        pytest.skip("the unpacked kernel needs AVX-512F")
+    rng = np.random.default_rng(seed)
+    a, _ = _strided(rng, k, m, pad) if a_transposed else _strided(rng, m, k, pad)
+    b, _ = _strided(rng, k, n, pad)
+    c, c_parent = _strided(rng, m, n, pad)
+    before = c_parent.copy()
+    product = (a.T if a_transposed else a).astype(np.float64) @ b.astype(np.float64)
+    expected = product + before[:, :n] if accumulate else product
+    _blas_core.small_gemm(a, b, c, a_transposed, accumulate, through_blas)
+    # float32 sums of k products: error within a few ulps of the sum of magnitudes
+    bound = 1e-6 * (k + 1) * ((np.abs(a.T if a_transposed else a) @ np.abs(b)) + np.abs(before[:, :n]))
+    assert np.all(np.abs(c - expected) <= bound + 1e-30)
+    assert np.array_equal(c_parent[:, n:], before[:, n:])  # the rows' padding is left alone
+
+
+# Layers whose GEMMs are in the unpacked kernel's range (float32, A of 1024-8192
+# elements, K <= 512): the backward's input gradient (32 channels x 16*9 taps),
+# DCGAN 64->3's (64 x 3*16), the forward's columns (16*9 x 32, transposed), one cell.
+LAYERS = {
+    "autoencoder": dict(n=6, c_in=32, c_out=16, grid=(7, 7), kernel=3, stride=2, padding=1, output_padding=1),
+    "dcgan 64->3": dict(n=2, c_in=64, c_out=3, grid=(9, 8), kernel=4, stride=2, padding=1, output_padding=0),
+    "one cell": dict(n=64, c_in=100, c_out=8, grid=(1, 1), kernel=4, stride=1, padding=0, output_padding=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_through_the_kernel_match_the_reference(name, assert_close):
+    layer = LAYERS[name]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((layer["n"], layer["c_in"], *layer["grid"])).astype(np.float32)
+    w = rng.standard_normal((layer["c_in"], layer["c_out"], layer["kernel"], layer["kernel"])).astype(np.float32)
+    b = rng.standard_normal(layer["c_out"]).astype(np.float32)
+    kw = dict(stride=layer["stride"], padding=layer["padding"], output_padding=layer["output_padding"])
+    results = {}
+    for backend in ("blas", "numpy"):
+        y = tconv.conv_transpose2d(x, w, b, backend=backend, **kw)
+        dy = np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape)
+        grads = tconv.conv_transpose2d_backward(dy, x, w, needs=("input", "weight"), backend=backend, **kw)
+        results[backend] = [y, *grads[:2]]
+    for got, want in zip(results["blas"], results["numpy"]):
+        assert_close(got, want)
