@@ -51,6 +51,15 @@ WORKSPACE_BYTES = int(os.environ.get("TCONV_WORKSPACE_MB", "32")) * 2**20
 #: (autoencoder, DCGAN 64->3; 2 MiB of L2 per core) and tied on large ones.
 CACHE_TILE_BYTES = 1 * 2**20
 MIN_GEMM_COLUMNS = 256
+#: ... and where samples smaller than that are folded, at least this many: BLAS
+#: packs the weight operand again for every tile, which a deep layer's narrow
+#: tiles pay too often (DCGAN 256->128, 8x8 grids, 2048-deep reductions, at 1
+#: thread, interleaved A/B: backward 97.3 -> 87.0 and 101.2 -> 91.4 ms, forward
+#: 48.3 -> 43.6 and 54.2 -> 48.0 ms as 8 samples a tile instead of 4; DCGAN
+#: 512->256 within noise). Samples that fill MIN_GEMM_COLUMNS alone are not
+#: folded to reach it (DCGAN 128->64's forward lost 10-15% as pairs of 16x16
+#: grids), nor are unfolded tiles widened (FCN-8s's backward lost 11%).
+MIN_FOLDED_GEMM_COLUMNS = 512
 
 #: Samples of at least this many grid cells are never folded together: one
 #: alone makes a wide enough GEMM, and folding costs a copy of the tile's
@@ -141,12 +150,13 @@ def plan_tiles(n: int, grid_cells: int, rows_per_col: int, packed_rows_per_col: 
     """
     cache_bytes = CACHE_TILE_BYTES if cache_bytes is None else cache_bytes
     budget = WORKSPACE_BYTES // itemsize
-    min_cols = min(grid_cells * n, MIN_GEMM_COLUMNS)
+    foldable = n > 1 and grid_cells < FOLD_MAX_CELLS
+    folds_anyway = foldable and grid_cells < MIN_GEMM_COLUMNS
+    min_cols = min(grid_cells * n, MIN_FOLDED_GEMM_COLUMNS if folds_anyway else MIN_GEMM_COLUMNS)
     row_block = row_units
     if row_unit and rows_per_col * min_cols > budget:
         row_block = max(1, budget // min_cols // row_unit)
         rows_per_col = row_block * row_unit
-    foldable = n > 1 and grid_cells < FOLD_MAX_CELLS
     per_col = max(1, rows_per_col + (packed_rows_per_col if foldable else 0))
     wanted = max(min_cols, cache_bytes // itemsize // per_col)
     cols = max(1, min(wanted, budget // per_col))

@@ -39,13 +39,13 @@ KW = dict(stride=2, padding=1, output_padding=1, groups=GROUPS)
 
 # name: (plan constants, what every plan's description must say)
 PATHS = {
-    "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=7), "columns per GEMM"),
+    "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=7, MIN_FOLDED_GEMM_COLUMNS=7), "columns per GEMM"),
     "folded_plain": (dict(INTERLEAVE_MIN_SAMPLES=10**9), "samples folded per GEMM"),
     # col2im adding strided runs into the output instead of the phase-major accumulator
     "folded_unphased": (dict(INTERLEAVE_MIN_SAMPLES=10**9, PHASED_MAX_BYTES=0), "samples folded per GEMM"),
     "folded_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2), "sample-minor"),
     # col2im's budget too small for all output channels at once (set per ndim below)
-    "channel_blocks_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2, MIN_GEMM_COLUMNS=10**9,
+    "channel_blocks_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2, MIN_FOLDED_GEMM_COLUMNS=10**9,
                                         CACHE_TILE_BYTES=1), "sample-minor"),
 }
 
@@ -285,6 +285,7 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, tile
     if tiles == "columns":  # several per sample
         monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)
         monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
+        monkeypatch.setattr(blas_backend, "MIN_FOLDED_GEMM_COLUMNS", 5)
     rng = np.random.default_rng(ndim)
     x = rng.standard_normal((3, 4) + (SIZE[ndim] + 1,) * ndim)
     w = rng.standard_normal((4, 3, *(2,) * ndim))
@@ -404,7 +405,8 @@ THREE_TAP_CASES = {
 }
 # name: (plan constants, samples, what the plan says)
 THREE_TAP_TILES = {
-    "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=5), 1, "columns per GEMM"),  # rows cut mid-way
+    "column_tiles": (dict(CACHE_TILE_BYTES=1, MIN_GEMM_COLUMNS=5, MIN_FOLDED_GEMM_COLUMNS=5), 1,
+                     "columns per GEMM"),  # rows cut mid-way
     "folded_short_runs": (dict(INTERLEAVE_MIN_SAMPLES=10**9), 9, "samples folded per GEMM"),
     "whole_sample": ({}, 1, "1 tiles"),
 }
@@ -458,6 +460,22 @@ def test_samples_with_large_grids_are_not_folded(assert_close):
     for got, want in zip(tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="blas"),
                          tconv.conv_transpose2d_backward(dy, x, w, **kw, backend="numpy")):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("side", [8, 16])
+def test_deep_layers_fold_small_samples_into_wide_tiles(side):
+    """Deep reductions leave the cache tile few columns: samples smaller than
+    MIN_GEMM_COLUMNS cells are folded to at least MIN_FOLDED_GEMM_COLUMNS, while a
+    sample that fills MIN_GEMM_COLUMNS alone stays one per tile."""
+    geom = Geometry(image=(1, 2 * side, 2 * side), grid=(1, side, side), kernel=(1, 4, 4),
+                    stride=(1, 2, 2), dilation=(1, 1, 1), pad_begin=(0, 1, 1), groups=1)
+    cells, n = side * side, 64
+    plans = [blas_backend.scatter_plan(geom, n, 256, 128, 4), blas_backend.gather_plan(geom, n, 128, 256, 4)[0]]
+    for plan in plans:
+        if cells < blas_backend.MIN_GEMM_COLUMNS:
+            assert plan.cols_per_tile >= blas_backend.MIN_FOLDED_GEMM_COLUMNS, plan
+        else:
+            assert plan.samples_per_tile == 1 and plan.cols_per_tile == blas_backend.MIN_GEMM_COLUMNS, plan
 
 
 def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
