@@ -40,11 +40,44 @@ static inline TCONV_AVX512 __mmask16 tconv_mask(ptrdiff_t left)
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
 }
 
-/* One block of C, rows < 8, columns < 48 (mr, nr: how many are real). */
-static inline TCONV_AVX512 void tconv_nn_block(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
-                                               const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
-                                               const float* b, ptrdiff_t ldb,
-                                               float* c, ptrdiff_t ldc, int accumulate)
+/* A full 8 x 48 block of C: its 24 registers are written straight from the loop. */
+static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
+                                              const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                              int accumulate)
+{
+    __m512 acc[8][3];
+    int i, v;
+    ptrdiff_t p;
+#pragma GCC unroll 8
+    for (i = 0; i < 8; i++)
+#pragma GCC unroll 3
+        for (v = 0; v < 3; v++)
+            acc[i][v] = _mm512_setzero_ps();
+    for (p = 0; p < k; p++) {
+        const float* row = b + p * ldb;
+        __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16), b2 = _mm512_loadu_ps(row + 32);
+#pragma GCC unroll 8
+        for (i = 0; i < 8; i++) {
+            __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
+            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+        }
+    }
+#pragma GCC unroll 8
+    for (i = 0; i < 8; i++)
+#pragma GCC unroll 3
+        for (v = 0; v < 3; v++) {
+            float* out = c + i * ldc + 16 * v;
+            _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(out)) : acc[i][v]);
+        }
+}
+
+/* A partial block at C's edges: mr < 8 rows, nr < 48 columns (masked loads and stores). */
+static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
+                                              const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
+                                              const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                              int accumulate)
 {
     __m512 acc[8][3];
     __mmask16 mask[3];
@@ -55,31 +88,17 @@ static inline TCONV_AVX512 void tconv_nn_block(ptrdiff_t mr, ptrdiff_t nr, ptrdi
     for (i = 0; i < 8; i++)
         for (v = 0; v < 3; v++)
             acc[i][v] = _mm512_setzero_ps();
-    if (mr == 8 && nr == 48) {
-        for (p = 0; p < k; p++) {
-            const float* row = b + p * ldb;
-            __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16), b2 = _mm512_loadu_ps(row + 32);
+    for (p = 0; p < k; p++) {
+        const float* row = b + p * ldb;
+        __m512 b0 = _mm512_maskz_loadu_ps(mask[0], row), b1 = _mm512_maskz_loadu_ps(mask[1], row + 16),
+               b2 = _mm512_maskz_loadu_ps(mask[2], row + 32);
 #pragma GCC unroll 8
-            for (i = 0; i < 8; i++) {
+        for (i = 0; i < 8; i++) {
+            if (i < mr) {
                 __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
                 acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
                 acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
-            }
-        }
-    } else {
-        for (p = 0; p < k; p++) {
-            const float* row = b + p * ldb;
-            __m512 b0 = _mm512_maskz_loadu_ps(mask[0], row), b1 = _mm512_maskz_loadu_ps(mask[1], row + 16),
-                   b2 = _mm512_maskz_loadu_ps(mask[2], row + 32);
-#pragma GCC unroll 8
-            for (i = 0; i < 8; i++) {
-                if (i < mr) {
-                    __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
-                    acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-                    acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-                    acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
-                }
             }
         }
     }
@@ -101,9 +120,13 @@ static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, c
     ptrdiff_t i, j;
     /* column blocks outside: a K x 48 panel of B stays in L1 while every row block reads it */
     for (j = 0; j < n; j += 48)
-        for (i = 0; i < m; i += 8)
-            tconv_nn_block(m - i < 8 ? m - i : 8, n - j < 48 ? n - j : 48, k,
-                           a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+        for (i = 0; i < m; i += 8) {
+            if (m - i >= 8 && n - j >= 48)
+                tconv_nn_full(k, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+            else
+                tconv_nn_edge(m - i < 8 ? m - i : 8, n - j < 48 ? n - j : 48, k,
+                              a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+        }
 }
 
 #else  /* not GCC/Clang on x86-64: BLAS only */
