@@ -1530,12 +1530,15 @@ cdef void col2im_patches(const Geom* g, const floating* cols, Py_ssize_t l0, Py_
 @cython.wraparound(False)
 cdef int scatter_patches(const Geom* gp, const floating* x, const floating* w, const floating* bias_ptr,
                          bint has_bias, floating* y, Py_ssize_t n, Py_ssize_t c_in, Py_ssize_t Q,
-                         Py_ssize_t groups, Py_ssize_t cells_per_tile, Py_ssize_t q_block) except -1 nogil:
+                         Py_ssize_t groups, Py_ssize_t cells_per_tile, Py_ssize_t q_block,
+                         Py_ssize_t q_first, Py_ssize_t q_end) except -1 nogil:
     """col2im with patch-major columns, for kernels wider than the grid (FCN's
     64-wide kernel on a 7x7 grid): per tile of grid cells and block of output
     channels ``cols (T, q_block*K) = X_tile^T W_g[:, block]``, then each kernel
     row is added as one run, instead of one short strided run per grid row
     and tap. Blocks of channels over all cells read the (large) weight once.
+    Only output channels ``q_first .. q_end - 1`` of each group are written
+    (a backend on several threads gives each a range).
     """
     cdef Geom g = gp[0]
     cdef Py_ssize_t P = c_in // groups, K = g.taps, L = g.grid_cells
@@ -1546,14 +1549,16 @@ cdef int scatter_patches(const Geom* gp, const floating* x, const floating* w, c
     cdef floating one = 1, zero = 0
 
     for b in range(n):
-        fill_channels(y + b * c_out * g.image_cells, c_out, g.image_cells, bias_ptr, has_bias)
+        for gi in range(groups):
+            fill_channels(y + (b * c_out + gi * Q + q_first) * g.image_cells, q_end - q_first, g.image_cells,
+                          bias_ptr + gi * Q + q_first if has_bias else NULL, has_bias)
     workspace_alloc(&ws, q_block * K * cells_per_tile * sizeof(floating), 0, 1)
     cols = <floating*>ws.cols
     for b in range(n):
         for gi in range(groups):
-            q0 = 0
-            while q0 < Q:
-                qb = q_block if q0 + q_block <= Q else Q - q0
+            q0 = q_first
+            while q0 < q_end:
+                qb = q_block if q0 + q_block <= q_end else q_end - q0
                 l0 = 0
                 while l0 < L:
                     lt = cells_per_tile if l0 + cells_per_tile <= L else L - l0
@@ -1618,7 +1623,7 @@ cdef int run_scatter(const ScatterPlan* p, const floating* x, const floating* w,
         return scatter_single_cell(x, w, bias, has_bias, y, p.n, p.c_in, p.q * p.g.taps, p.g.taps, p.groups)
     if p.route == ROUTE_PATCHES:
         return scatter_patches(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups,
-                               p.tiling[0], p.tiling[1])
+                               p.tiling[0], p.tiling[1], 0, p.q)
     return scatter_col2im(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups, p.tiling[0],
                           p.tiling[1], p.tiling[2], p.tiling[3], p.interleaved, p.exact_cover, p.phased)
 
@@ -1695,3 +1700,34 @@ cdef class ScatterCall:
                             <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data, has_bias,
                             <double*>cnp.PyArray_DATA(out))
         return out
+
+    def channels_into(self, cnp.ndarray grid_in not None, cnp.ndarray weight not None, object bias,
+                      cnp.ndarray out not None, Py_ssize_t q_first, Py_ssize_t q_end):
+        """Output channels ``q_first .. q_end - 1`` of each group, written into ``out``
+        (patches route only): threads given disjoint ranges fill one output together."""
+        cdef bint has_bias = bias is not None
+        cdef void* bias_data = NULL
+        cdef Py_ssize_t out_size = self.out_dims[0] * self.out_dims[1] * self.plan.g.image_cells
+        if self.plan.route != ROUTE_PATCHES:
+            raise ValueError("ScatterCall.channels_into: only the patches route runs by channel ranges")
+        if not 0 <= q_first <= q_end <= self.plan.q:
+            raise ValueError(f"ScatterCall.channels_into: channels {q_first}..{q_end} are not within 0..{self.plan.q}")
+        self.check(grid_in, self.grid_size, "grid_in")
+        self.check(weight, self.weight_size, "weight")
+        self.check(out, out_size, "out")
+        if not cnp.PyArray_ISWRITEABLE(out):
+            raise ValueError("ScatterCall.channels_into: out is read-only")
+        if has_bias:
+            self.check(bias, self.out_dims[1], "bias")
+            bias_data = cnp.PyArray_DATA(<cnp.ndarray>bias)
+        with nogil:
+            if self.type_num == cnp.NPY_FLOAT32:
+                scatter_patches(&self.plan.g, <const float*>cnp.PyArray_DATA(grid_in),
+                                <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
+                                <float*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
+                                self.plan.groups, self.plan.tiling[0], self.plan.tiling[1], q_first, q_end)
+            else:
+                scatter_patches(&self.plan.g, <const double*>cnp.PyArray_DATA(grid_in),
+                                <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data, has_bias,
+                                <double*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
+                                self.plan.groups, self.plan.tiling[0], self.plan.tiling[1], q_first, q_end)

@@ -501,6 +501,31 @@ def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
         call(list(x), w, None)
 
 
+def test_channel_ranges_run_only_on_the_patches_route(assert_close):
+    """``ScatterCall.channels_into`` (a backend's threads each writing some output
+    channels) runs the patches route only, within the channels, into a full output."""
+    col2im = blas_backend._scatter_call(_geometry(2), N, C_IN, C_OUT // GROUPS, np.dtype(np.float64))
+    x = np.ones((N, C_IN, *_geometry(2).grid))
+    w = np.ones((C_IN, C_OUT // GROUPS, *_geometry(2).kernel))
+    with pytest.raises(ValueError, match="only the patches route"):
+        col2im.channels_into(x, w, None, np.empty((N, C_OUT, *_geometry(2).image)), 0, 1)
+    geom = Geometry(image=(1, 1, 40), grid=(1, 1, 3), kernel=(1, 1, 16), stride=(1, 1, 12), dilation=(1, 1, 1),
+                    pad_begin=(0, 0, 0), groups=1)
+    assert blas_backend.scatter_route(geom, 2, 3, 8) == "patches"
+    call = blas_backend._scatter_call(geom, 1, 2, 3, np.dtype(np.float64))
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((1, 2, 1, 1, 3)), rng.standard_normal((2, 3, 1, 1, 16)), rng.standard_normal(3)
+    out = np.full((1, 3, 1, 1, 40), np.nan)
+    call.channels_into(x, w, b, out, 1, 3)
+    assert np.isnan(out[:, 0]).all()
+    assert_close(out[:, 1:], call(x, w, b)[:, 1:])
+    for first, end in [(-1, 2), (2, 1), (0, 4)]:
+        with pytest.raises(ValueError, match="not within 0..3"):
+            call.channels_into(x, w, b, out, first, end)
+    with pytest.raises(ValueError, match="out must be"):
+        call.channels_into(x, w, b, out[:, :2].copy(), 0, 1)
+
+
 @pytest.mark.parametrize("fits", [True, False])
 @pytest.mark.parametrize("ndim", [1, 2])
 def test_wide_kernels_go_phased_when_a_sample_fits(monkeypatch, fits, ndim, assert_close):

@@ -674,6 +674,30 @@ def test_openmp_non_overlapping_taps_agree_with_numpy(openmp, monkeypatch, resto
     assert_close(conv(x, w, None, **kwargs, backend="openmp"), conv(x, w, None, **kwargs, backend="numpy"))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_openmp_wide_kernels_split_output_channels(openmp, monkeypatch, restore_threads, threads, groups,
+                                                   with_bias, assert_close):
+    """Kernels wider than the grid run the core's patches route with each thread on a
+    range of output channels (5 per group: ranges of unequal size at 2 and 3 threads)."""
+    from tconv._args import prepare
+
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    tconv.set_num_threads(threads)
+    rng = np.random.default_rng(threads + groups)
+    x = rng.standard_normal((2, 2 * groups, 3, 2))
+    w = rng.standard_normal((2 * groups, 5, 12, 9))
+    b = rng.standard_normal(5 * groups) if with_bias else None
+    kwargs = dict(stride=(6, 5), padding=(2, 1), groups=groups)
+    dy = tconv.conv_transpose2d(x, w, b, **kwargs, backend="numpy")
+    call = prepare(transposed=True, ndim=2, x=x, weight=w, bias=b, stride=kwargs["stride"],
+                   padding=kwargs["padding"], groups=groups, grad_output=dy, backward=True, backend="openmp")
+    described = call.backend.describe_plan("scatter", call.x, call.weight, call.bias, call.geom)
+    assert described.startswith(f"output channels in {threads} ranges on the thread pool, each core: patches")
+    assert_close(tconv.conv_transpose2d(x, w, b, **kwargs, backend="openmp"), dy)
+
+
 @pytest.mark.parametrize("route", ROUTE_SHAPES)
 def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route):
     """``describe_plan`` (the benchmark's JSON) names where each primitive runs."""
@@ -695,7 +719,8 @@ def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route)
         assert backend.describe_plan(primitive, *args).startswith("core, one thread: ")
     tconv.set_num_threads(2)
     monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
-    assert backend.describe_plan("scatter", *calls["scatter"]).startswith("openmp col2im, ")
+    scatter = "output channels in 2 ranges on the thread pool, " if "patches" in route else "openmp col2im, "
+    assert backend.describe_plan("scatter", *calls["scatter"]).startswith(scatter)
     assert backend.describe_plan("weight_grad", *calls["weight_grad"]).startswith("openmp im2col, ")
     assert backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"]).startswith("two calls: ")
     if x_shape[0] > 1:

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, covers_exactly, empty_result, phased_acc_bytes
+from tconv._blas_backend import (BlasBackend, _scatter_call, covers_exactly, empty_result, phased_acc_bytes,
+                                 scatter_route)
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
@@ -183,6 +184,31 @@ class _OffCallerCpu:
 _helpers_off_caller_cpu = _OffCallerCpu()
 
 
+def _share_out(parts: int, run_part) -> None:
+    """``run_part(i)`` for ``i`` in ``range(parts)``, by the calling thread and the pool's
+    helpers taking parts in turn (up to the thread budget), each with single-threaded BLAS."""
+    parts_left = iter(range(parts))  # shared: next() on it is atomic under the GIL
+
+    def run_parts() -> None:
+        for i in parts_left:
+            run_part(i)
+
+    # BLAS at one thread for the parts' GEMMs, set here: OpenBLAS ignores a count
+    # set from another thread than the main one, so the pool threads cannot
+    _threads.set_blas_threads(1)
+    helpers = min(get_num_threads(), parts) - 1
+    # the calling thread takes parts too: no wake-up to wait for at either end
+    # (the pool's wake-ups had cost 0.1-0.3 ms of the autoencoder's ~2 ms)
+    executor = _pool(helpers)
+    _helpers_off_caller_cpu.update()
+    futures = [executor.submit(run_parts) for _ in range(helpers)]
+    try:
+        run_parts()
+    finally:  # the helpers write into the caller's arrays: wait for them even after an error
+        for future in futures:
+            future.result()
+
+
 def _release_pool_workspace() -> None:
     """Drop the core's cached work buffers in every pool thread (one task per thread,
     each held at a barrier until all are running, so that no thread takes two)."""
@@ -253,6 +279,10 @@ class OpenMPBackend(Backend):
                         f"{self.describe_plan('weight_grad', first, args[2], geom)}")
             part = (first[: n // parts], second, args[2][: n // parts], geom)
             return f"{parts} batch parts on the thread pool, each core: {_CORE.describe_plan(primitive, *part)}"
+        if primitive == "scatter" and second.shape[1] > 1 and scatter_route(
+                geom, c // g, second.shape[1], itemsize) == "patches":
+            parts = min(get_num_threads(), second.shape[1])
+            return f"output channels in {parts} ranges on the thread pool, each core: {_CORE.describe_plan(primitive, *args)}"
         if primitive == "scatter":
             p, q = c // g, second.shape[1]
             plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), itemsize,
@@ -289,9 +319,11 @@ class OpenMPBackend(Backend):
             return _CORE.scatter(grid_in, weight, bias, geom)
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
+        dtype = grid_in.dtype
+        if q > 1 and scatter_route(geom, p, q, dtype.itemsize) == "patches":
+            return self._patches_by_channels(grid_in, weight, bias, geom)
         taps = math.prod(geom.kernel)
         kernels = _kernels()
-        dtype = grid_in.dtype
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize,
                                   _phased_acc(geom), geom.stride[2], covers_exactly(geom))
         tiling = plan.tiling
@@ -319,6 +351,19 @@ class OpenMPBackend(Backend):
             plan.samples, plan.channels, plan.cells, tiling.fold, tiling.tile, plan.per_thread,
             threads,
         )
+        return out
+
+    def _patches_by_channels(self, grid_in, weight, bias, geom):
+        """Kernels wider than the grid: the core's patches route (kernel rows added as
+        runs), its output channels cut into one range per thread (the core's own loop
+        over channel blocks, started at each range)."""
+        n, c_in = grid_in.shape[:2]
+        q = weight.shape[1]
+        call = _scatter_call(geom, n, c_in, q, grid_in.dtype)
+        parts = min(get_num_threads(), q)
+        bounds = [q * i // parts for i in range(parts + 1)]
+        out = empty_result((n, geom.groups * q, *geom.image), grid_in.dtype)
+        _share_out(parts, lambda i: call.channels_into(grid_in, weight, bias, out, bounds[i], bounds[i + 1]))
         return out
 
     def gather(self, image_in, weight, bias, geom):
@@ -369,28 +414,12 @@ class OpenMPBackend(Backend):
         grad_image = empty_result((n, grid_in.shape[1], *geom.grid), image_in.dtype)
         grad_weight = np.empty((parts, *weight.shape), dtype=image_in.dtype)
 
-        parts_left = iter(range(parts))  # shared: next() on it is atomic under the GIL
+        def run_part(i: int) -> None:
+            rows = slice(bounds[i], bounds[i + 1])
+            _CORE.gather_and_weight_grad_into(image_in[rows], weight, grid_in[rows], geom,
+                                              grad_image[rows], grad_weight[i])
 
-        def run_parts() -> None:
-            for i in parts_left:
-                rows = slice(bounds[i], bounds[i + 1])
-                _CORE.gather_and_weight_grad_into(image_in[rows], weight, grid_in[rows], geom,
-                                                  grad_image[rows], grad_weight[i])
-
-        # BLAS at one thread for the parts' GEMMs, set here: OpenBLAS ignores a count
-        # set from another thread than the main one, so the pool threads cannot
-        _threads.set_blas_threads(1)
-        helpers = min(get_num_threads(), parts) - 1
-        # the calling thread takes parts too: no wake-up to wait for at either end
-        # (the pool's wake-ups had cost 0.1-0.3 ms of the autoencoder's ~2 ms)
-        executor = _pool(helpers)
-        _helpers_off_caller_cpu.update()
-        futures = [executor.submit(run_parts) for _ in range(helpers)]
-        try:
-            run_parts()
-        finally:  # the helpers write into our arrays: wait for them even after an error
-            for future in futures:
-                future.result()
+        _share_out(parts, run_part)
         total = grad_weight[0]
         for i in range(1, parts):  # in part order, whichever thread ran which part
             total += grad_weight[i]
