@@ -409,6 +409,28 @@ def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, 
             assert np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_openmp_small_pairs_run_their_gradients_side_by_side(openmp, monkeypatch, restore_threads, n,
+                                                             assert_close):
+    """A pair too small for batch parts runs the core's gather and weight_grad on two
+    threads at once: the definition's gradients, and the core's bits (as at one
+    thread) whatever the thread count."""
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 6, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    kwargs = dict(stride=2, padding=1, output_padding=1, needs=("input", "weight"))
+    dy = rng.standard_normal((n, 4, 10, 8)).astype(np.float32)
+    tconv.set_num_threads(1)
+    core = tconv.conv_transpose2d_backward(dy, x, w, **kwargs, backend="blas")[:2]
+    for got, want in zip(core, tconv.conv_transpose2d_backward(dy, x, w, **kwargs, backend="numpy")[:2]):
+        assert_close(got, want)
+    for threads in (2, 3):
+        tconv.set_num_threads(threads)
+        for got, want in zip(tconv.conv_transpose2d_backward(dy, x, w, **kwargs, backend="openmp")[:2], core):
+            assert np.array_equal(got, want)
+
+
 def _pairs_in_parts(openmp, monkeypatch) -> None:
     """Every backward pair, however small, runs in the openmp backend's batch parts."""
     from tconv_openmp import _plan
@@ -722,7 +744,10 @@ def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route)
     scatter = "output channels in 2 ranges on the thread pool, " if "patches" in route else "openmp col2im, "
     assert backend.describe_plan("scatter", *calls["scatter"]).startswith(scatter)
     assert backend.describe_plan("weight_grad", *calls["weight_grad"]).startswith("openmp im2col, ")
-    assert backend.describe_plan("gather_and_weight_grad", *calls["gather_and_weight_grad"]).startswith("two calls: ")
+    pair = calls["gather_and_weight_grad"]
+    assert backend.describe_plan("gather_and_weight_grad", *pair).startswith("side by side on two threads, each core: ")
+    monkeypatch.setattr(openmp.backend, "SIDE_BY_SIDE_MAX_MACS", 0)
+    assert backend.describe_plan("gather_and_weight_grad", *pair).startswith("two calls: ")
     if x_shape[0] > 1:
         monkeypatch.setattr(_plan, "PAIR_MIN_PART_MACS", 1)
         monkeypatch.setattr(_plan, "PAIR_MIN_PART_COLUMNS", 1)
