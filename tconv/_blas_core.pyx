@@ -1036,10 +1036,12 @@ def empty_result(shape, dtype):
     cdef Py_ssize_t nbytes = dtype.itemsize
     cdef cnp.npy_intp dims[32]
     cdef int nd = len(shape), d
+    if nd > 32:
+        return np.empty(shape, dtype)
     for d in range(nd):
         dims[d] = shape[d]
         nbytes *= dims[d]
-    if nbytes < RESULT_POOL_MIN_BYTES or nd > 32:
+    if nbytes < RESULT_POOL_MIN_BYTES:
         return np.empty(shape, dtype)
     return pooled_result(nd, dims, dtype, nbytes)
 
@@ -1160,7 +1162,6 @@ cdef int scatter_col2im(const Geom* gp, const floating* x, const floating* w, co
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t acc_size = q_block * g.image_cells * samples_per_tile if interleaved else 0
-    cdef floating one = 1, zero = 0
 
     if not (interleaved or exact_cover or phased):  # (those store every output element themselves)
         for b in range(n):
@@ -1429,8 +1430,7 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                            floating[:, :, :, :, ::1] gw_out,
                            tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                            Py_ssize_t groups, Py_ssize_t samples_per_tile, Py_ssize_t cols_per_tile,
-                           Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed,
-                           Py_ssize_t first_tile=0, Py_ssize_t end_tile=-1):
+                           Py_ssize_t n_tiles, bint interleaved, bint phased, bint transposed):
     """``gather(image_in, weight)`` into ``out`` (no bias) and ``weight_grad(image_in,
     grid_in)`` into ``gw_out`` from one im2col per tile: a transposed convolution's
     input and weight gradients. With the plan of ``gather`` (not its identity map)
@@ -1468,9 +1468,7 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
         image_tile = packed + Q * cols_per_tile
         acc = <floating*>ws.packed + packed_size if transposed else gw
         memset(acc, 0, gw_size * sizeof(floating))
-        if end_tile < 0:
-            end_tile = n_tiles
-        for ti in range(first_tile, end_tile):
+        for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
             for gi in range(groups):
@@ -1588,7 +1586,6 @@ cdef int scatter_single_cell(const floating* x, const floating* w, const floatin
     """
     cdef Py_ssize_t P = c_in // groups
     cdef Py_ssize_t b, gi
-    cdef floating one = 1
     for b in range(n):
         fill_channels(y + b * groups * QK, groups * (QK // K), K, bias_ptr, has_bias)
     for gi in range(groups):

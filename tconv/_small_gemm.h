@@ -1,23 +1,22 @@
 /* Single-precision GEMMs for the thin products im2col makes, without packing.
  *
- * Row-major throughout (unlike the BLAS calls next to them):
+ * Row-major (unlike the BLAS calls next to them):
  *   tconv_sgemm_nn:  C (M x N)  = or +=  A (M x K) . B (K x N)
- *   tconv_sgemm_nt:  C (M x N)  = or +=  A (M x K) . B (N x K)^T
- * with row strides lda, ldb, ldc; tconv_sgemm_nn reads A[i, p] at
- * a[i * a_row + p * a_col] (a_col = 1, a_row = lda: row-major; a_row = 1: A
- * is the transpose of a row-major matrix with row stride a_col).
+ * with row strides ldb and ldc; A[i, p] is read at a[i * a_row + p * a_col]
+ * (a_col = 1: row-major with row stride a_row; a_row = 1: the transpose of a
+ * row-major matrix with row stride a_col).
  *
  * Why: where one side of a product is short (a backward pass's K = C * taps
  * of 48-144, or its 32-64 output channels), OpenBLAS copies ("packs") both
  * operands into its own layout first and that copy costs about as much as
  * the multiply (DCGAN 64->3's backward: 25% of the time in packing, 7% more
- * zeroing C for beta 0). These kernels read the operands where they are:
- * NN keeps an 8 x 48 block of C in 24 AVX-512 registers, broadcasting A and
- * loading rows of B; NT keeps 4 x 6 dot products, each a register of 16
- * partial sums along K, added up at the end.
+ * zeroing C for beta 0). This kernel reads the operands where they are and
+ * keeps an 8 x 48 block of C in 24 AVX-512 registers, broadcasting A and
+ * loading rows of B. (A dot-product kernel for A B^T, the weight gradient's
+ * shape, ran at 0.36-0.73x OpenBLAS and was dropped.)
  *
  * AVX-512F only, checked at run time (tconv_small_gemm_ready); elsewhere the
- * callers keep using BLAS, and these functions are never called.
+ * callers keep using BLAS, and tconv_sgemm_nn is never called.
  */
 #ifndef TCONV_SMALL_GEMM_H
 #define TCONV_SMALL_GEMM_H
@@ -73,7 +72,8 @@ static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdi
         }
 }
 
-/* A partial block at C's edges: mr < 8 rows, nr < 48 columns (masked loads and stores). */
+/* A block at C's edges, of mr <= 8 rows and nr <= 48 columns, one of them short
+   (masked loads and stores). */
 static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
                                               const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
                                               const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,

@@ -78,6 +78,14 @@ def require_backend(name: str) -> str:
     pytest.skip(message)
 
 
+def require_plugin(name: str) -> str:
+    """A plugin backend: skipped where it is not installed (CI's run of the core
+    alone), else as ``require_backend`` (installed but broken fails under ``CI``)."""
+    if name not in _backend_infos():
+        pytest.skip(f"the {name} plugin is not installed (pip install ./backends/{name})")
+    return require_backend(name)
+
+
 @pytest.fixture(scope="session", params=_backends_under_test())
 def backend_name(request) -> str:
     """Each CPU backend to test, by name (see ``require_backend``)."""
@@ -88,6 +96,12 @@ def backend_name(request) -> str:
 def require():
     """``require(name)``: skip/fail as ``backend_name`` does, for a test naming its backend."""
     return require_backend
+
+
+@pytest.fixture(scope="session")
+def plugin():
+    """``plugin(name)``: ``require_plugin``, for a test naming a plugin backend."""
+    return require_plugin
 
 
 class SpyBackend(NumpyBackend):

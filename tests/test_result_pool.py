@@ -111,11 +111,11 @@ def _layer_results(layer, backend):
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("backend,threads", [("blas", 1), ("openmp", 2)])
-def test_results_in_reused_blocks_are_written_whole(small_pool, require, restore_threads, layer, backend,
-                                                    threads, assert_close):
+def test_results_in_reused_blocks_are_written_whole(small_pool, require, plugin, restore_threads, layer,
+                                                    backend, threads, assert_close):
     """Results are made twice: the first ones are filled with NaN and dropped, so
     the second ones get those blocks back and must overwrite every element."""
-    require(backend)
+    (require if backend == "blas" else plugin)(backend)
     tconv.set_num_threads(threads)
     expected = _layer_results(LAYERS[layer], "numpy")
     first = _layer_results(LAYERS[layer], backend)
