@@ -382,6 +382,14 @@ class BlasBackend(Backend):
         self._set_blas_threads()
         return call(grid_in, weight, bias)
 
+    def scatter_channels_into(self, grid_in, weight, bias, geom, out, q_first: int, q_end: int) -> None:
+        """Output channels ``q_first .. q_end - 1`` of each group of a transposed convolution
+        on the "patches" route, written into ``out`` (its full, C-contiguous output): a
+        backend running the core on several threads gives each a range."""
+        call = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
+        self._set_blas_threads()
+        call.channels_into(grid_in, weight, bias, out, q_first, q_end)
+
     def describe_plan(self, primitive: str, *args) -> str:
         """How ``primitive`` (``"scatter"``, ``"gather"``, ``"weight_grad"``) would run
         on these arguments: the route and the tiles (for the benchmark's JSON)."""

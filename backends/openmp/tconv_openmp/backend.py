@@ -24,8 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import (BlasBackend, _scatter_call, covers_exactly, empty_result, phased_acc_bytes,
-                                 scatter_route)
+from tconv._blas_backend import BlasBackend, covers_exactly, empty_result, phased_acc_bytes, scatter_route
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
@@ -374,13 +373,12 @@ class OpenMPBackend(Backend):
         """Kernels wider than the grid: the core's patches route (kernel rows added as
         runs), its output channels cut into one range per thread (the core's own loop
         over channel blocks, started at each range)."""
-        n, c_in = grid_in.shape[:2]
         q = weight.shape[1]
-        call = _scatter_call(geom, n, c_in, q, grid_in.dtype)
         parts = min(get_num_threads(), q)
         bounds = [q * i // parts for i in range(parts + 1)]
-        out = empty_result((n, geom.groups * q, *geom.image), grid_in.dtype)
-        _share_out(parts, lambda i: call.channels_into(grid_in, weight, bias, out, bounds[i], bounds[i + 1]))
+        out = empty_result((grid_in.shape[0], geom.groups * q, *geom.image), grid_in.dtype)
+        _share_out(parts, lambda i: _CORE.scatter_channels_into(grid_in, weight, bias, geom, out,
+                                                                bounds[i], bounds[i + 1]))
         return out
 
     def gather(self, image_in, weight, bias, geom):
@@ -446,9 +444,9 @@ class OpenMPBackend(Backend):
 
     @staticmethod
     def _gradients_side_by_side(image_in, weight, grid_in, geom):
-        """A small pair too small for batch parts, on two threads: the core's ``gather``
-        (input gradient) on one and its ``weight_grad`` on the other, each with its own
-        im2col: the same bits as the core's pair, so as at one thread."""
+        """A pair too small for batch parts (up to ``SIDE_BY_SIDE_MAX_MACS``), on two threads:
+        the core's ``gather`` (input gradient) on one and its ``weight_grad`` on the other,
+        each with its own im2col: the same bits as the core's pair, so as at one thread."""
         results = [None, None]
 
         def run_part(i: int) -> None:
