@@ -103,7 +103,7 @@ cdef extern from "_small_gemm.h" nogil:
     int tconv_small_gemm_ready()
     void tconv_sgemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t a_row,
                         Py_ssize_t a_col, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
-                        int accumulate)
+                        const float* row_init, int accumulate)
 
 # Whether the unpacked kernels of ``_small_gemm.h`` are used: the CPU runs them
 # (AVX-512F) and ``TCONV_SMALL_GEMM=0`` did not turn them off (then every GEMM
@@ -119,22 +119,24 @@ def small_gemm_available():
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def small_gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, bint a_transposed,
-               bint accumulate, bint through_blas=False):
-    """Row-major ``c (=|+=) a @ b`` (``a_transposed``: ``a.T @ b``) by the unpacked kernel,
-    or by BLAS (``through_blas``): the twins the tests and the tuning compare.
-    The caller checks the shapes (and ``small_gemm_available()``, for the kernel)."""
+               bint accumulate, bint through_blas=False, const float[::1] row_init=None):
+    """Row-major ``c (=|+=) a @ b`` (``a_transposed``: ``a.T @ b``; ``row_init``: ``c =
+    row_init[:, None] + a @ b``) by the unpacked kernel, or by BLAS (``through_blas``):
+    the twins the tests and the tuning compare. The caller checks the shapes (and
+    ``small_gemm_available()``, for the kernel)."""
     # (rows may be strided: each matrix's leading dimension is its row stride)
     if a.strides[1] != sizeof(float) or b.strides[1] != sizeof(float) or c.strides[1] != sizeof(float):
         raise ValueError("small_gemm: each matrix's rows must be contiguous")
     cdef Py_ssize_t m = c.shape[0], n = c.shape[1], k = b.shape[0]
     cdef Py_ssize_t lda = a.strides[0] // sizeof(float), ldb = b.strides[0] // sizeof(float)
     cdef Py_ssize_t ldc = c.strides[0] // sizeof(float)
+    cdef const float* init = &row_init[0] if row_init is not None else NULL
     with nogil:
         if through_blas:
-            blas_gemm_rows(m, n, k, &a[0, 0], lda, a_transposed, &b[0, 0], ldb, accumulate, &c[0, 0], ldc)
+            blas_gemm_rows(m, n, k, &a[0, 0], lda, a_transposed, &b[0, 0], ldb, init, accumulate, &c[0, 0], ldc)
         else:
             tconv_sgemm_nn(m, n, k, &a[0, 0], 1 if a_transposed else lda, lda if a_transposed else 1,
-                           &b[0, 0], ldb, &c[0, 0], ldc, accumulate)
+                           &b[0, 0], ldb, &c[0, 0], ldc, init, accumulate)
 
 
 cdef enum:
@@ -149,32 +151,49 @@ cdef enum:
     SMALL_GEMM_MIN_A = 1024
     SMALL_GEMM_MAX_A = 8192
     SMALL_GEMM_MAX_K = 512
+    # ... and where the product only streams memory: a reduction of at most
+    # STREAM_GEMM_MAX_K, at most STREAM_GEMM_MAX_M rows, at least STREAM_GEMM_MIN_N
+    # columns (a 1x1 convolution of few channels over a large image). There
+    # OpenBLAS copies all of B before multiplying, and the kernel writes C once,
+    # bias included: M 8 K 4 (the 1x1 image convolution's tiles) N 65536 257 ->
+    # 116 us, N 262144 1281 -> 634 us; M 64 K 16 N 16384 803 -> 530 us; M 8 K 4
+    # N 16384 32 -> 29 us, N 4096 5.9 -> 6.9 us (hence the bound).
+    STREAM_GEMM_MAX_K = 16
+    STREAM_GEMM_MAX_M = 64
+    STREAM_GEMM_MIN_N = 16384
 
 
 cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
-                           bint a_transposed, const floating* b, Py_ssize_t ldb, bint accumulate,
-                           floating* c, Py_ssize_t ldc) noexcept nogil:
-    """Row-major ``C (m x n) = A (m x k) @ B (k x n)``, or ``+=`` with ``accumulate``; ``A``
-    is row-major with row stride ``lda``, or (``a_transposed``) the transpose of a
-    row-major (k x m) matrix with row stride ``lda``. The unpacked kernel where it
-    wins (``SMALL_GEMM_MAX_A``), else BLAS."""
-    if (floating is float and small_gemm_ready and k <= SMALL_GEMM_MAX_K
-            and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A):
+                           bint a_transposed, const floating* b, Py_ssize_t ldb, const floating* row_init,
+                           bint accumulate, floating* c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major ``C (m x n) = A (m x k) @ B (k x n)``, plus ``row_init[i]`` on row ``i``
+    when given (a bias), or ``+=`` with ``accumulate`` (not both); ``A`` is row-major
+    with row stride ``lda``, or (``a_transposed``) the transpose of a row-major (k x m)
+    matrix with row stride ``lda``. The unpacked kernel where it wins
+    (``SMALL_GEMM_MAX_A``, ``STREAM_GEMM_MAX_K``), else BLAS."""
+    if (floating is float and small_gemm_ready
+            and ((k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A)
+                 or (k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N))):
         tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
-                       <const float*>b, ldb, <float*>c, ldc, accumulate)
+                       <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
     else:
-        blas_gemm_rows(m, n, k, a, lda, a_transposed, b, ldb, accumulate, c, ldc)
+        blas_gemm_rows(m, n, k, a, lda, a_transposed, b, ldb, row_init, accumulate, c, ldc)
 
 
 cdef inline void blas_gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
-                                bint a_transposed, const floating* b, Py_ssize_t ldb, bint accumulate,
-                                floating* c, Py_ssize_t ldc) noexcept nogil:
-    """``gemm_rows`` by BLAS."""
+                                bint a_transposed, const floating* b, Py_ssize_t ldb, const floating* row_init,
+                                bint accumulate, floating* c, Py_ssize_t ldc) noexcept nogil:
+    """``gemm_rows`` by BLAS (``row_init`` filled in first, then added to)."""
     cdef floating one = 1, zero = 0
+    cdef Py_ssize_t i, j
+    if row_init != NULL:
+        for i in range(m):
+            for j in range(n):
+                c[i * ldc + j] = row_init[i]
     # Column-major: C^T (n x m) = B^T (n x k) A^T (k x m); a row-major matrix is
     # its own transpose in column-major terms, with the same leading dim.
     gemm(c'N', c'T' if a_transposed else c'N', n, m, k, one, b, ldb, a, lda,
-         one if accumulate else zero, c, ldc)
+         one if accumulate or row_init != NULL else zero, c, ldc)
 
 
 # --------------------------------------------------------------------------- #
@@ -785,22 +804,6 @@ cdef void unpack_tile(const floating* src, Py_ssize_t rows, floating* dst, Py_ss
                    src + r * t.cols + s * t.lt, t.lt * sizeof(floating))
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef void unpack_add_tile(const floating* src, Py_ssize_t rows, floating* dst, Py_ssize_t stride_n,
-                          Py_ssize_t row_stride, const Tile* t) noexcept nogil:
-    """The inverse of pack_tile, adding into dst."""
-    cdef Py_ssize_t r, s, j
-    cdef const floating* a
-    cdef floating* b
-    for r in range(rows):
-        for s in range(t.nt):
-            a = src + r * t.cols + s * t.lt
-            b = dst + (t.n0 + s) * stride_n + r * row_stride + t.l0
-            for j in range(t.lt):
-                b[j] += a[j]
-
-
 # --------------------------------------------------------------------------- #
 # sample-innermost tiles: folded samples with short grid rows
 # --------------------------------------------------------------------------- #
@@ -1189,7 +1192,7 @@ cdef int scatter_col2im(const Geom* gp, const floating* x, const floating* w, co
                 qb = q_block if q0 + q_block <= Q else Q - q0
                 # cols (qb*K x T) = W_g[:, q0*K .. (q0+qb)*K]^T (qb*K x P) X_tile (P x T)
                 gemm_rows(qb * K, t.cols, P, w + gi * P * Q * K + q0 * K, Q * K, True,
-                          operand, ld_operand, False, cols, t.cols)
+                          operand, ld_operand, NULL, False, cols, t.cols)
                 if interleaved:
                     fill_channels(acc, qb, g.image_cells * t.nt,
                                      bias_ptr + gi * Q + q0 if has_bias else NULL, has_bias)
@@ -1242,28 +1245,24 @@ cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld
                               Py_ssize_t PK, Py_ssize_t Q, const Tile* t, bint folded, bint interleaved,
                               floating* result, floating* y_g, Py_ssize_t c_out,
                               const floating* bias_g, bint has_bias) noexcept nogil:
-    """``out_tile (Q, T) = W_g (Q, P*K) @ cols (P*K, T)`` into ``y_g`` (the group's first
-    output channel of sample 0), through ``result`` where the tile is folded.
+    """``out_tile (Q, T) = bias_g + W_g (Q, P*K) @ cols (P*K, T)`` into ``y_g`` (the group's
+    first output channel of sample 0), through ``result`` where the tile is folded.
 
-    With a bias, ``y_g`` already holds it unless ``interleaved`` (which adds it
-    itself); without one, ``y_g`` is not read: each output element is written
-    by one tile (zeroing the whole output first cost a pass over it, 1.6 ms of
-    DCGAN 64->3's 19 ms backward).
+    ``y_g`` is not read: the GEMM starts each row from its bias (or zero), and
+    each output element is written by one tile (zeroing the whole output first
+    cost a pass over it, 1.6 ms of DCGAN 64->3's 19 ms backward; filling it with
+    the bias, a pass of the 27 MB 1x1 image convolution's output).
     """
     cdef Py_ssize_t L = g.grid_cells
+    cdef const floating* row_init = bias_g if has_bias else NULL
     if interleaved:  # columns sample-minor: into `result`, then transposed out
-        if has_bias:
-            fill_channels(result, Q, t.cols, bias_g, has_bias)
-        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, has_bias, result, t.cols)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, result, t.cols)
         store_interleaved(result, Q, L, y_g + t.n0 * c_out * L, c_out * L, t.nt)
     elif folded:
-        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, False, result, t.cols)
-        if has_bias:
-            unpack_add_tile(result, Q, y_g, c_out * L, L, t)
-        else:
-            unpack_tile(result, Q, y_g, c_out * L, L, t)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, result, t.cols)
+        unpack_tile(result, Q, y_g, c_out * L, L, t)
     else:
-        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, has_bias, y_g + t.n0 * c_out * L + t.l0, L)
+        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, y_g + t.n0 * c_out * L + t.l0, L)
 
 
 @cython.boundscheck(False)
@@ -1340,9 +1339,6 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
 
     with nogil:
-        if has_bias and not interleaved:  # (see gather_from_columns)
-            for b in range(n):
-                fill_channels(y + b * c_out * L, c_out, L, bias_ptr, has_bias)
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating) if folded or not identity_map else 0,
                         (Q * cols_per_tile + image_tile_size) * sizeof(floating) if folded else 0,
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
@@ -1590,7 +1586,7 @@ cdef int scatter_single_cell(const floating* x, const floating* w, const floatin
         fill_channels(y + b * groups * QK, groups * (QK // K), K, bias_ptr, has_bias)
     for gi in range(groups):
         # out[:, gi*QK ..] (N x QK, row stride groups*QK) += x[:, gi*P ..] (N x P) W_g (P x QK)
-        gemm_rows(n, QK, P, x + gi * P, c_in, False, w + gi * P * QK, QK, True, y + gi * QK, groups * QK)
+        gemm_rows(n, QK, P, x + gi * P, c_in, False, w + gi * P * QK, QK, NULL, True, y + gi * QK, groups * QK)
     return 0
 
 

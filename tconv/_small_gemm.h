@@ -42,7 +42,7 @@ static inline TCONV_AVX512 __mmask16 tconv_mask(ptrdiff_t left)
 /* A full 8 x 48 block of C: its 24 registers are written straight from the loop. */
 static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
                                               const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                              int accumulate)
+                                              const float* row_init, int accumulate)
 {
     __m512 acc[8][3];
     int i, v;
@@ -51,7 +51,7 @@ static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdi
     for (i = 0; i < 8; i++)
 #pragma GCC unroll 3
         for (v = 0; v < 3; v++)
-            acc[i][v] = _mm512_setzero_ps();
+            acc[i][v] = row_init ? _mm512_set1_ps(row_init[i]) : _mm512_setzero_ps();
     for (p = 0; p < k; p++) {
         const float* row = b + p * ldb;
         __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16), b2 = _mm512_loadu_ps(row + 32);
@@ -77,7 +77,7 @@ static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdi
 static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
                                               const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
                                               const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                              int accumulate)
+                                              const float* row_init, int accumulate)
 {
     __m512 acc[8][3];
     __mmask16 mask[3];
@@ -87,7 +87,7 @@ static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdif
         mask[v] = tconv_mask(nr - 16 * v);
     for (i = 0; i < 8; i++)
         for (v = 0; v < 3; v++)
-            acc[i][v] = _mm512_setzero_ps();
+            acc[i][v] = row_init && i < mr ? _mm512_set1_ps(row_init[i]) : _mm512_setzero_ps();
     for (p = 0; p < k; p++) {
         const float* row = b + p * ldb;
         __m512 b0 = _mm512_maskz_loadu_ps(mask[0], row), b1 = _mm512_maskz_loadu_ps(mask[1], row + 16),
@@ -115,17 +115,19 @@ static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdif
 
 static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                                         ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                        int accumulate)
+                                        const float* row_init, int accumulate)
 {
     ptrdiff_t i, j;
     /* column blocks outside: a K x 48 panel of B stays in L1 while every row block reads it */
     for (j = 0; j < n; j += 48)
         for (i = 0; i < m; i += 8) {
             if (m - i >= 8 && n - j >= 48)
-                tconv_nn_full(k, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+                tconv_nn_full(k, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc,
+                              row_init ? row_init + i : 0, accumulate);
             else
                 tconv_nn_edge(m - i < 8 ? m - i : 8, n - j < 48 ? n - j : 48, k,
-                              a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+                              a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc,
+                              row_init ? row_init + i : 0, accumulate);
         }
 }
 
@@ -134,7 +136,7 @@ static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, c
 static int tconv_small_gemm_ready(void) { return 0; }
 static void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                            ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                           int accumulate) {}
+                           const float* row_init, int accumulate) {}
 
 #endif
 #endif

@@ -21,32 +21,39 @@ def _strided(rng, rows: int, cols: int, pad: int) -> tuple[np.ndarray, np.ndarra
 
 
 @given(m=st.integers(1, 40), n=st.integers(1, 110), k=st.integers(1, 70), pad=st.integers(0, 5),
-       a_transposed=st.booleans(), accumulate=st.booleans(), through_blas=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, accumulate, through_blas, seed):
+       a_transposed=st.booleans(), start=st.sampled_from(["zero", "accumulate", "bias"]),
+       through_blas=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, through_blas, seed):
     if not through_blas and not _blas_core.small_gemm_available():
         pytest.skip("the unpacked kernel needs AVX-512F")
     rng = np.random.default_rng(seed)
     a, _ = _strided(rng, k, m, pad) if a_transposed else _strided(rng, m, k, pad)
     b, _ = _strided(rng, k, n, pad)
     c, c_parent = _strided(rng, m, n, pad)
+    bias = rng.standard_normal(m).astype(np.float32)
     before = c_parent.copy()
     product = (a.T if a_transposed else a).astype(np.float64) @ b.astype(np.float64)
-    expected = product + before[:, :n] if accumulate else product
-    _blas_core.small_gemm(a, b, c, a_transposed, accumulate, through_blas)
+    start_value = {"zero": 0.0, "accumulate": before[:, :n], "bias": bias[:, None]}[start]
+    expected = product + start_value
+    _blas_core.small_gemm(a, b, c, a_transposed, start == "accumulate", through_blas,
+                          bias if start == "bias" else None)
     # float32 sums of k products: error within a few ulps of the sum of magnitudes
-    bound = 1e-6 * (k + 1) * ((np.abs(a.T if a_transposed else a) @ np.abs(b)) + np.abs(before[:, :n]))
+    bound = 1e-6 * (k + 1) * ((np.abs(a.T if a_transposed else a) @ np.abs(b)) + np.abs(start_value))
     assert np.all(np.abs(c - expected) <= bound + 1e-30)
     assert np.array_equal(c_parent[:, n:], before[:, n:])  # the rows' padding is left alone
 
 
 # Layers whose GEMMs are in the unpacked kernel's range (float32, A of 1024-8192
 # elements, K <= 512): the backward's input gradient (32 channels x 16*9 taps),
-# DCGAN 64->3's (64 x 3*16), the forward's columns (16*9 x 32, transposed), one cell.
+# DCGAN 64->3's (64 x 3*16), the forward's columns (16*9 x 32, transposed), one cell;
+# and in its streaming range (K <= 16, M <= 64, N >= 16384): a 1x1 convolution of
+# 3 channels into 8 over a 128x128 image, with a bias (the GEMM starts from it).
 LAYERS = {
     "autoencoder": dict(n=6, c_in=32, c_out=16, grid=(7, 7), kernel=3, stride=2, padding=1, output_padding=1),
     "dcgan 64->3": dict(n=2, c_in=64, c_out=3, grid=(9, 8), kernel=4, stride=2, padding=1, output_padding=0),
     "one cell": dict(n=64, c_in=100, c_out=8, grid=(1, 1), kernel=4, stride=1, padding=0, output_padding=0),
+    "1x1 image": dict(n=1, c_in=3, c_out=8, grid=(128, 128), kernel=1, stride=1, padding=0, output_padding=0,
+                      conv=True),
 }
 
 
@@ -60,6 +67,9 @@ def test_layers_through_the_kernel_match_the_reference(name, assert_close):
     kw = dict(stride=layer["stride"], padding=layer["padding"], output_padding=layer["output_padding"])
     results = {}
     for backend in ("blas", "numpy"):
+        if layer.get("conv"):  # (the regular convolution's weight is (C_out, C_in, k, k))
+            results[backend] = [tconv.conv2d(x, w.transpose(1, 0, 2, 3).copy(), b, backend=backend)]
+            continue
         y = tconv.conv_transpose2d(x, w, b, backend=backend, **kw)
         dy = np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape)
         grads = tconv.conv_transpose2d_backward(dy, x, w, needs=("input", "weight"), backend=backend, **kw)
