@@ -56,9 +56,10 @@ MIN_GEMM_COLUMNS = 256
 #: tiles pay too often (DCGAN 256->128, 8x8 grids, 2048-deep reductions, at 1
 #: thread, interleaved A/B: backward 97.3 -> 87.0, 101.2 -> 91.4 and 93.7 -> 85.3
 #: ms as 8 samples a tile instead of 4; forward 48.3 -> 43.6 and 54.2 -> 48.0,
-#: once 45.4 -> 49.7; DCGAN 512->256 within noise). Samples that fill MIN_GEMM_COLUMNS alone are not
-#: folded to reach it (DCGAN 128->64's forward lost 10-15% as pairs of 16x16
-#: grids), nor are unfolded tiles widened (FCN-8s's backward lost 11%).
+#: once 45.4 -> 49.7; DCGAN 512->256 within noise). Samples that fill
+#: MIN_GEMM_COLUMNS alone are not folded to reach it (DCGAN 128->64's forward
+#: lost 10-15% as pairs of 16x16 grids), nor are unfolded tiles widened (FCN-8s's
+#: backward lost 11%).
 MIN_FOLDED_GEMM_COLUMNS = 512
 
 #: Samples of at least this many grid cells are never folded together: one

@@ -185,11 +185,10 @@ cdef inline void blas_gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const 
                                 bint accumulate, floating* c, Py_ssize_t ldc) noexcept nogil:
     """``gemm_rows`` by BLAS (``row_init`` filled in first, then added to)."""
     cdef floating one = 1, zero = 0
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i
     if row_init != NULL:
-        for i in range(m):
-            for j in range(n):
-                c[i * ldc + j] = row_init[i]
+        for i in range(m):  # (rows ldc apart: one channel of n cells at a time)
+            fill_channels(c + i * ldc, 1, n, row_init + i, True)
     # Column-major: C^T (n x m) = B^T (n x k) A^T (k x m); a row-major matrix is
     # its own transpose in column-major terms, with the same leading dim.
     gemm(c'N', c'T' if a_transposed else c'N', n, m, k, one, b, ldb, a, lda,
@@ -1322,7 +1321,7 @@ def gather(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :, :, 
     cdef Py_ssize_t n = image_in.shape[0], c_in = image_in.shape[1]
     cdef Py_ssize_t P = c_in // groups, K = g.taps, L = g.grid_cells
     cdef Py_ssize_t c_out = weight.shape[0], Q = c_out // groups
-    cdef Py_ssize_t b, gi, ti
+    cdef Py_ssize_t gi, ti
     cdef Tile t
     cdef const floating* x = &image_in[0, 0, 0, 0, 0]
     cdef const floating* w = &weight[0, 0, 0, 0, 0]
