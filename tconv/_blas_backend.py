@@ -73,6 +73,28 @@ FOLD_MAX_CELLS = 512
 #: output directly, which beats col2im once channels are many.
 FLIPPED_GATHER_MIN_DEPTH = 1024
 
+#: A stride-1 transposed convolution runs without col2im ("shifted": each tap a
+#: product of the unpacked float32 kernel added into the output, reading the
+#: grid rows it lands on in place or from a shifted copy) when a group has
+#: SHIFTED_MIN_CHANNELS to SHIFTED_MAX_CHANNELS output channels, at most
+#: SHIFTED_MAX_DEPTH input channels, and the image at least SHIFTED_MIN_CELLS
+#: cells a sample. Against the other routes (col2im, or the flipped gather
+#: past FLIPPED_GATHER_MIN_DEPTH), 1 thread, k3 p1, interleaved medians of 7:
+#: 64->64 56x56 2.90 -> 2.27 ms, 128->64 28x28 1.91 -> 1.24, 128->128 56x56
+#: 11.4 -> 9.0, 256->256 28x28 x1.05, 384->128 x1.19, 4->64 and 8->64 x2.4-3.1,
+#: 64->16 x1.15, 32->32 14x14 batch 16 x1.21, 64->64 12x12 batch 4 x1.07;
+#: lost: 512->512 and 1024->512 (the reduction's panel of the grid leaves L1)
+#: x0.58-0.81, 128->512 and 256->512 x0.88-0.92, 64->8 x0.95, 64->3 x0.42,
+#: 3->64 x0.93, 64->64 8x8 batch 32 x0.57.
+SHIFTED_MIN_CHANNELS = 16
+SHIFTED_MAX_CHANNELS = 256
+SHIFTED_MAX_DEPTH = 384
+SHIFTED_MIN_CELLS = 144
+#: ... in bands of image rows whose output and shifted copies take about this
+#: many bytes. Larger is faster, unlike the column tiles above: 64->64 56x56
+#: in bands of 9, 18 and 56 rows (0.5, 1 and 4 MiB) 2.66, 2.30 and 2.30 ms.
+SHIFTED_BAND_BYTES = 2 * 2**20
+
 #: Folded scatter tiles of at least this many samples use the sample-minor
 #: ("interleaved") column order: col2im then adds runs of that many
 #: contiguous values instead of walking grid rows a few cells long.
@@ -184,6 +206,7 @@ def _spatial(geom: Geometry) -> tuple:
 @functools.lru_cache(maxsize=512)
 def scatter_route(geom: Geometry, depth: int, q: int, itemsize: int) -> str:
     """How a transposed convolution runs: ``"single-cell"`` (one GEMM, no col2im),
+    ``"shifted"`` (stride 1, each tap's product added into the output),
     ``"flipped-gather"`` (stride 1, as a regular convolution), ``"patches"``
     (col2im of whole kernel rows: kernels wider than the grid, or wide ones
     whose sample is too large for ``wide_kernel_phased``) or ``"col2im"``.
@@ -194,13 +217,41 @@ def scatter_route(geom: Geometry, depth: int, q: int, itemsize: int) -> str:
     if (geom.grid == (1, 1, 1) and geom.pad_begin == (0, 0, 0) and geom.image == geom.kernel
             and geom.dilation == (1, 1, 1)):
         return "single-cell"
+    if (geom.stride == (1, 1, 1) and itemsize == 4 and _blas_core is not None
+            and _blas_core.small_gemm_available() and SHIFTED_MIN_CHANNELS <= q <= SHIFTED_MAX_CHANNELS
+            and depth <= SHIFTED_MAX_DEPTH and math.prod(geom.image) >= SHIFTED_MIN_CELLS
+            and shifted_workspace_bytes(geom, depth, q, itemsize, 1) <= WORKSPACE_BYTES):
+        return "shifted"
     if geom.stride == (1, 1, 1) and depth * math.prod(geom.kernel) >= FLIPPED_GATHER_MIN_DEPTH:
         return "flipped-gather"
+    return _col2im_route(geom, q, itemsize)
+
+
+def _col2im_route(geom: Geometry, q: int, itemsize: int) -> str:
+    """``"patches"`` or ``"col2im"``: the routes that take any geometry and weight."""
     if geom.kernel[2] > geom.grid[2]:
         return "patches"
     if geom.kernel[2] >= PATCH_MIN_KERNEL_WIDTH and not wide_kernel_phased(geom, q, itemsize):
         return "patches"
     return "col2im"
+
+
+def shifted_workspace_bytes(geom: Geometry, p: int, q: int, itemsize: int, rows: int) -> int:
+    """The ``"shifted"`` route's work buffers in bands of ``rows`` image rows: the
+    weight as one block per tap, and the band's grid rows copied once per kw
+    (``_blas_core.scatter_shifted``)."""
+    band_rows = rows + (geom.kernel[1] - 1) * geom.dilation[1]
+    return (geom.groups * math.prod(geom.kernel) * q * p + geom.kernel[2] * p * band_rows * geom.image[2]) * itemsize
+
+
+@functools.lru_cache(maxsize=512)
+def shifted_band_rows(geom: Geometry, p: int, q: int, itemsize: int) -> int:
+    """Image rows per band of the ``"shifted"`` route (``SHIFTED_BAND_BYTES``)."""
+    row_bytes = (q + geom.kernel[2] * p) * geom.image[2] * itemsize  # output + copies, per image row
+    rows = max(1, min(geom.image[1], SHIFTED_BAND_BYTES // row_bytes))
+    while rows > 1 and shifted_workspace_bytes(geom, p, q, itemsize, rows) > WORKSPACE_BYTES:
+        rows //= 2
+    return rows
 
 
 def wide_kernel_phased(geom: Geometry, q: int, itemsize: int) -> bool:
@@ -331,7 +382,15 @@ def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype):
     route = scatter_route(geom, c_in // geom.groups, q, dtype.itemsize)
     if route == "flipped-gather":
         return None
+    return _route_call(route, geom, n, c_in, q, dtype)
+
+
+def _route_call(route: str, geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype):
     shape = (dtype, n, c_in, q, *_spatial(geom), geom.groups)
+    if route == "shifted":
+        fallback = _route_call(_col2im_route(geom, q, dtype.itemsize), geom, n, c_in, q, dtype)
+        rows = shifted_band_rows(geom, c_in // geom.groups, q, dtype.itemsize)
+        return _blas_core.ScatterCall(route, *shape, (rows,), fallback=fallback)
     if route == "single-cell":
         _check_blas_ints(q * math.prod(geom.kernel) * geom.groups, c_in)
         return _blas_core.ScatterCall(route, *shape)
@@ -348,7 +407,7 @@ def _scatter_call(geom: Geometry, n: int, c_in: int, q: int, dtype: np.dtype):
 def clear_plan_caches() -> None:
     """Forget every cached route and plan (for code that changes the constants above)."""
     for cached in (_spatial, scatter_route, covers_exactly, patch_plan, scatter_plan, gather_plan,
-                   weight_grad_plan, _scatter_call):
+                   weight_grad_plan, shifted_band_rows, _scatter_call):
         cached.cache_clear()
 
 
@@ -383,13 +442,15 @@ class BlasBackend(Backend):
         self._set_blas_threads()
         return call(grid_in, weight, bias)
 
-    def scatter_channels_into(self, grid_in, weight, bias, geom, out, q_first: int, q_end: int) -> None:
+    def scatter_channels_into(self, grid_in, weight, bias, geom, out, q_first: int, q_end: int) -> bool:
         """Output channels ``q_first .. q_end - 1`` of each group of a transposed convolution
-        on the "patches" route, written into ``out`` (its full, C-contiguous output): a
-        backend running the core on several threads gives each a range."""
+        on the "patches" or "shifted" route, written into ``out`` (its full, C-contiguous
+        output): a backend running the core on several threads gives each a range. False
+        where the shifted route met a non-finite weight and wrote nothing (``scatter``
+        then gives the result)."""
         call = _scatter_call(geom, *grid_in.shape[:2], weight.shape[1], grid_in.dtype)
         self._set_blas_threads()
-        call.channels_into(grid_in, weight, bias, out, q_first, q_end)
+        return call.channels_into(grid_in, weight, bias, out, q_first, q_end)
 
     def describe_plan(self, primitive: str, *args) -> str:
         """How ``primitive`` (``"scatter"``, ``"gather"``, ``"weight_grad"``) would run
@@ -403,6 +464,9 @@ class BlasBackend(Backend):
             if route == "patches":
                 cells, q_block = patch_plan(geom, second.shape[1], itemsize)
                 return f"patches: {cells} grid cells x {q_block} output channels per GEMM"
+            if route == "shifted":
+                rows = shifted_band_rows(geom, c // geom.groups, second.shape[1], itemsize)
+                return f"shifted: each tap's product added into bands of {rows} image rows"
             if route != "col2im":
                 return route
             plan = scatter_plan(geom, n, c // geom.groups, second.shape[1], itemsize)

@@ -1589,6 +1589,115 @@ cdef int scatter_single_cell(const floating* x, const floating* w, const floatin
     return 0
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int scatter_shifted(const Geom* gp, const float* x, const float* w, const float* bias_ptr,
+                         bint has_bias, float* y, Py_ssize_t n, Py_ssize_t c_in, Py_ssize_t Q,
+                         Py_ssize_t groups, Py_ssize_t rows_per_band, Py_ssize_t q_first,
+                         Py_ssize_t q_end) except -1 nogil:
+    """Stride 1 without col2im: ``y[o, i] = bias[o] + sum_taps W_tap[o, :] x[:, i + pad - tap * dilation]``,
+    each tap one product of the unpacked kernel added into a band of ``rows_per_band``
+    image rows. Float32 with the kernel only (the route's condition).
+
+    Along D and H a tap moves the band by whole rows, so the grid rows it reads are
+    contiguous, rows of the image's width apart; along W it moves within rows, so
+    each kw reads a copy of the band's grid rows shifted by its offset, zero where
+    the shift leaves the grid. Output channels ``q_first .. q_end - 1`` of each
+    group only (a backend on several threads gives each a range).
+
+    Returns 1, computing nothing, when the weight holds a NaN or an infinity: the
+    zeros of the copies would multiply it where the definition has no product.
+    """
+    cdef Geom g = gp[0]
+    cdef Py_ssize_t P = c_in // groups, K = g.taps, L = g.grid_cells
+    cdef Py_ssize_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2]
+    cdef Py_ssize_t GD = g.grid[0], GH = g.grid[1], GW = g.grid[2]
+    cdef Py_ssize_t H = g.image[1], W = g.image[2]
+    cdef Py_ssize_t c_out = Q * groups, qn = q_end - q_first
+    # grid rows one band reads, at most, and the copies' channel stride
+    cdef Py_ssize_t band_rows = rows_per_band + (KH - 1) * g.dilation[1], ld_copy = band_rows * W
+    cdef Py_ssize_t b, d, h0, h1, gi, gd, kd, kh, kw, tap, q, p, r, r0, r1, row_shift, col_shift, a0, a1
+    cdef bint copies_x
+    cdef float value
+    cdef float nonfinite = 0
+    cdef Workspace ws
+    cdef float* taps_w
+    cdef float* shifted
+    cdef float* band
+    cdef const float* x_slice
+    cdef const float* operand
+    cdef Py_ssize_t ld_operand
+
+    workspace_alloc(&ws, groups * K * qn * P * sizeof(float), KW * P * ld_copy * sizeof(float), 1)
+    taps_w = <float*>ws.cols
+    shifted = <float*>ws.packed
+    # taps_w[gi, tap] = W_tap (qn x P, row-major) of group gi
+    for gi in range(groups):
+        for tap in range(K):
+            for q in range(qn):
+                for p in range(P):
+                    value = w[((gi * P + p) * Q + q_first + q) * K + tap]
+                    nonfinite += value - value  # NaN from a NaN or an infinity, else 0
+                    taps_w[((gi * K + tap) * qn + q) * P + p] = value
+    if nonfinite != 0:
+        workspace_free(&ws)
+        return 1
+    for b in range(n):
+        for d in range(g.image[0]):
+            h0 = 0
+            while h0 < H:
+                h1 = h0 + rows_per_band if h0 + rows_per_band <= H else H
+                for gi in range(groups):
+                    band = y + (b * c_out + gi * Q + q_first) * g.image_cells + (d * H + h0) * W
+                    for q in range(qn):
+                        fill_channels(band + q * g.image_cells, 1, (h1 - h0) * W,
+                                      bias_ptr + gi * Q + q_first + q, has_bias)
+                    for kd in range(KD):
+                        gd = d + g.pad[0] - kd * g.dilation[0]
+                        if gd < 0 or gd >= GD:
+                            continue
+                        # the grid rows any kh reads for this band
+                        r0 = h0 + g.pad[1] - (KH - 1) * g.dilation[1]
+                        r0 = r0 if r0 > 0 else 0
+                        r1 = h1 + g.pad[1] if h1 + g.pad[1] < GH else GH
+                        if r0 >= r1:
+                            continue
+                        x_slice = x + ((b * c_in + gi * P) * GD + gd) * GH * GW
+                        for kw in range(KW):
+                            col_shift = g.pad[2] - kw * g.dilation[2]  # grid column = image column + shift
+                            if col_shift == 0 and W == GW:
+                                continue  # the grid rows themselves
+                            for p in range(P):
+                                for r in range(r0, r1):
+                                    copy_strided(shifted + kw * P * ld_copy + p * ld_copy + (r - r0) * W,
+                                                 x_slice + p * L + r * GW + col_shift, 1, 0,
+                                                 -col_shift if col_shift < 0 else 0,
+                                                 GW - col_shift if GW - col_shift < W else W, W)
+                        for kh in range(KH):
+                            row_shift = g.pad[1] - kh * g.dilation[1]  # grid row = image row + shift
+                            a0 = h0 if h0 + row_shift >= 0 else -row_shift
+                            a1 = h1 if h1 + row_shift <= GH else GH - row_shift
+                            if a0 >= a1:
+                                continue
+                            for kw in range(KW):
+                                tap = (kd * KH + kh) * KW + kw
+                                col_shift = g.pad[2] - kw * g.dilation[2]
+                                copies_x = col_shift == 0 and W == GW
+                                if copies_x:
+                                    operand, ld_operand = x_slice + (a0 + row_shift) * GW, L
+                                else:
+                                    operand = shifted + kw * P * ld_copy + (a0 + row_shift - r0) * W
+                                    ld_operand = ld_copy
+                                # band rows a0 .. a1 (qn x rows*W, rows image_cells apart) +=
+                                # W_tap (qn x P) . grid rows a0 + shift .. (P x rows*W)
+                                tconv_sgemm_nn(qn, (a1 - a0) * W, P, taps_w + (gi * K + tap) * qn * P, P, 1,
+                                               operand, ld_operand, band + (a0 - h0) * W, g.image_cells,
+                                               NULL, 1)
+                h0 = h1
+    workspace_free(&ws)
+    return 0
+
+
 # --------------------------------------------------------------------------- #
 # a transposed convolution, planned once per shape
 # --------------------------------------------------------------------------- #
@@ -1596,21 +1705,30 @@ cdef enum:
     ROUTE_COL2IM = 0
     ROUTE_PATCHES = 1
     ROUTE_SINGLE_CELL = 2
+    ROUTE_SHIFTED = 3
 
-_ROUTES = {"col2im": ROUTE_COL2IM, "patches": ROUTE_PATCHES, "single-cell": ROUTE_SINGLE_CELL}
+_ROUTES = {"col2im": ROUTE_COL2IM, "patches": ROUTE_PATCHES, "single-cell": ROUTE_SINGLE_CELL,
+           "shifted": ROUTE_SHIFTED}
 
 
 cdef struct ScatterPlan:
     Geom g
     int route
     Py_ssize_t n, c_in, q, groups
-    # col2im: samples_per_tile, cols_per_tile, n_tiles, q_block; patches: cells_per_tile, q_block
+    # col2im: samples_per_tile, cols_per_tile, n_tiles, q_block; patches: cells_per_tile, q_block;
+    # shifted: rows_per_band
     Py_ssize_t tiling[4]
     bint interleaved, exact_cover, phased
 
 
 cdef int run_scatter(const ScatterPlan* p, const floating* x, const floating* w, const floating* bias,
                      bint has_bias, floating* y) except -1 nogil:
+    """0, or 1 where the shifted route met a non-finite weight and computed nothing."""
+    if p.route == ROUTE_SHIFTED:
+        if floating is float:  # (ScatterCall takes this route for float32 only)
+            return scatter_shifted(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups,
+                                   p.tiling[0], 0, p.q)
+        return 1
     if p.route == ROUTE_SINGLE_CELL:
         return scatter_single_cell(x, w, bias, has_bias, y, p.n, p.c_in, p.q * p.g.taps, p.g.taps, p.groups)
     if p.route == ROUTE_PATCHES:
@@ -1629,10 +1747,14 @@ cdef class ScatterCall:
     byte order and element count (what the plan was made for). Typed
     memoryviews would check the shapes too, at 0.75 us for four arrays, a
     tenth of a small layer's whole call.
+
+    The shifted route needs a ``fallback`` call of another route, for weights
+    holding a NaN or an infinity (see ``scatter_shifted``).
     """
     cdef ScatterPlan plan
     cdef int type_num
     cdef object dtype
+    cdef readonly object fallback
     cdef Py_ssize_t grid_size, weight_size, out_bytes
     cdef bint pooled
     cdef cnp.npy_intp out_dims[5]
@@ -1640,11 +1762,19 @@ cdef class ScatterCall:
     def __init__(self, str route, dtype, Py_ssize_t n, Py_ssize_t c_in, Py_ssize_t q,
                  tuple image, tuple grid, tuple kernel, tuple stride, tuple dilation, tuple pad,
                  Py_ssize_t groups, tuple tiling=(), bint interleaved=False, bint exact_cover=False,
-                 bint phased=False):
+                 bint phased=False, ScatterCall fallback=None):
         cdef int d
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"ScatterCall: dtype must be float32 or float64, got {self.dtype}")
+        if route == "shifted":
+            if self.dtype != np.float32 or not small_gemm_ready:
+                raise ValueError("ScatterCall: the shifted route needs float32 and the unpacked kernel "
+                                 "(small_gemm_available())")
+            if stride != (1, 1, 1) or fallback is None:
+                raise ValueError(f"ScatterCall: the shifted route needs stride (1, 1, 1) and a fallback "
+                                 f"call, got stride {stride}, fallback {fallback}")
+        self.fallback = fallback
         self.type_num = self.dtype.num
         self.plan.g = make_geom(image, grid, kernel, stride, dilation, pad)
         self.plan.route = _ROUTES[route]
@@ -1673,6 +1803,7 @@ cdef class ScatterCall:
         cdef bint has_bias = bias is not None
         cdef void* bias_data = NULL
         cdef cnp.ndarray out
+        cdef int status
         self.check(grid_in, self.grid_size, "grid_in")
         self.check(weight, self.weight_size, "weight")
         if has_bias:
@@ -1684,24 +1815,30 @@ cdef class ScatterCall:
             out = cnp.PyArray_EMPTY(5, self.out_dims, self.type_num, 0)
         with nogil:
             if self.type_num == cnp.NPY_FLOAT32:
-                run_scatter(&self.plan, <const float*>cnp.PyArray_DATA(grid_in),
-                            <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
-                            <float*>cnp.PyArray_DATA(out))
+                status = run_scatter(&self.plan, <const float*>cnp.PyArray_DATA(grid_in),
+                                     <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
+                                     <float*>cnp.PyArray_DATA(out))
             else:
-                run_scatter(&self.plan, <const double*>cnp.PyArray_DATA(grid_in),
-                            <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data, has_bias,
-                            <double*>cnp.PyArray_DATA(out))
+                status = run_scatter(&self.plan, <const double*>cnp.PyArray_DATA(grid_in),
+                                     <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data,
+                                     has_bias, <double*>cnp.PyArray_DATA(out))
+        if status:  # a non-finite weight on the shifted route
+            return self.fallback(grid_in, weight, bias)
         return out
 
     def channels_into(self, cnp.ndarray grid_in not None, cnp.ndarray weight not None, object bias,
                       cnp.ndarray out not None, Py_ssize_t q_first, Py_ssize_t q_end):
         """Output channels ``q_first .. q_end - 1`` of each group, written into ``out``
-        (patches route only): threads given disjoint ranges fill one output together."""
+        (patches and shifted routes): threads given disjoint ranges fill one output
+        together. Returns False, writing nothing, where the shifted route meets a
+        non-finite weight (the caller then runs ``fallback`` on the whole call)."""
         cdef bint has_bias = bias is not None
         cdef void* bias_data = NULL
         cdef Py_ssize_t out_size = self.out_dims[0] * self.out_dims[1] * self.plan.g.image_cells
-        if self.plan.route != ROUTE_PATCHES:
-            raise ValueError("ScatterCall.channels_into: only the patches route runs by channel ranges")
+        cdef int status = 0
+        if self.plan.route != ROUTE_PATCHES and self.plan.route != ROUTE_SHIFTED:
+            raise ValueError("ScatterCall.channels_into: only the patches and shifted routes run by "
+                             "channel ranges")
         if not 0 <= q_first <= q_end <= self.plan.q:
             raise ValueError(f"ScatterCall.channels_into: channels {q_first}..{q_end} are not within 0..{self.plan.q}")
         self.check(grid_in, self.grid_size, "grid_in")
@@ -1713,7 +1850,13 @@ cdef class ScatterCall:
             self.check(bias, self.out_dims[1], "bias")
             bias_data = cnp.PyArray_DATA(<cnp.ndarray>bias)
         with nogil:
-            if self.type_num == cnp.NPY_FLOAT32:
+            if self.plan.route == ROUTE_SHIFTED:  # (float32 only)
+                status = scatter_shifted(&self.plan.g, <const float*>cnp.PyArray_DATA(grid_in),
+                                         <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data,
+                                         has_bias, <float*>cnp.PyArray_DATA(out), self.plan.n,
+                                         self.plan.c_in, self.plan.q, self.plan.groups, self.plan.tiling[0],
+                                         q_first, q_end)
+            elif self.type_num == cnp.NPY_FLOAT32:
                 scatter_patches(&self.plan.g, <const float*>cnp.PyArray_DATA(grid_in),
                                 <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
                                 <float*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
@@ -1723,3 +1866,4 @@ cdef class ScatterCall:
                                 <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data, has_bias,
                                 <double*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
                                 self.plan.groups, self.plan.tiling[0], self.plan.tiling[1], q_first, q_end)
+        return status == 0

@@ -501,13 +501,13 @@ def test_the_compiled_call_refuses_arrays_it_was_not_planned_for(assert_close):
         call(list(x), w, None)
 
 
-def test_channel_ranges_run_only_on_the_patches_route(assert_close):
+def test_channel_ranges_run_only_on_the_patches_and_shifted_routes(assert_close):
     """``ScatterCall.channels_into`` (a backend's threads each writing some output
-    channels) runs the patches route only, within the channels, into a full output."""
+    channels) runs the patches and shifted routes only, within the channels, into a full output."""
     col2im = blas_backend._scatter_call(_geometry(2), N, C_IN, C_OUT // GROUPS, np.dtype(np.float64))
     x = np.ones((N, C_IN, *_geometry(2).grid))
     w = np.ones((C_IN, C_OUT // GROUPS, *_geometry(2).kernel))
-    with pytest.raises(ValueError, match="only the patches route"):
+    with pytest.raises(ValueError, match="only the patches and shifted routes"):
         col2im.channels_into(x, w, None, np.empty((N, C_OUT, *_geometry(2).image)), 0, 1)
     geom = Geometry(image=(1, 1, 40), grid=(1, 1, 3), kernel=(1, 1, 16), stride=(1, 1, 12), dilation=(1, 1, 1),
                     pad_begin=(0, 0, 0), groups=1)

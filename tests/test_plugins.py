@@ -714,6 +714,39 @@ def test_openmp_wide_kernels_split_output_channels(openmp, monkeypatch, restore_
     assert_close(tconv.conv_transpose2d(x, w, b, **kwargs, backend="openmp"), dy)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("bad", [None, np.nan])
+def test_openmp_shifted_route_splits_output_channels(openmp, monkeypatch, restore_threads, threads, bad):
+    """Stride-1 layers on the core's shifted route run with each thread on a range of
+    output channels, whole blocks of 8 (the unpacked kernel's rows) where there are
+    enough: the 1-thread ``blas`` bits at any thread count. A NaN weight sends the
+    whole call to the core's fallback (only the cells the definition reaches are NaN)."""
+    from tconv import _blas_backend
+    from tconv._args import prepare
+
+    if not _blas_backend._blas_core.small_gemm_available():
+        pytest.skip("the shifted route needs the core's AVX-512F kernel")
+    monkeypatch.setattr(openmp.backend, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(threads)
+    x = rng.standard_normal((2, 16, 20, 21)).astype(np.float32)
+    w = rng.standard_normal((16, 40, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    if bad is not None:
+        w[3, 17, 0, 0] = bad
+    tconv.set_num_threads(1)
+    expected = tconv.conv_transpose2d(x, w, b, padding=1, backend="blas")
+    tconv.set_num_threads(threads)
+    call = prepare(transposed=True, ndim=2, x=x, weight=w, bias=b, stride=1, padding=1, backend="openmp")
+    described = call.backend.describe_plan("scatter", call.x, call.weight, call.bias, call.geom)
+    assert described.startswith(f"output channels in {threads} ranges on the thread pool, each core: shifted")
+    assert openmp.backend._channel_bounds(40, "shifted") == ([0, 24, 40] if threads == 2 else [0, 16, 32, 40])
+    got = tconv.conv_transpose2d(x, w, b, padding=1, backend="openmp")
+    np.testing.assert_array_equal(got, expected)
+    if bad is not None:
+        assert np.isnan(got[:, 17]).any() and not np.isnan(got[:, 17]).all()
+        assert not np.isnan(np.delete(got, 17, axis=1)).any()
+
+
 @pytest.mark.parametrize("route", ROUTE_SHAPES)
 def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route):
     """``describe_plan`` (the benchmark's JSON) names where each primitive runs."""

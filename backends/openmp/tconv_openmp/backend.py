@@ -56,6 +56,10 @@ PARALLEL_MIN_MACS = 1 << 18
 #: pairs keep every thread busy through the two calls.
 SIDE_BY_SIDE_MAX_MACS = 1 << 26
 
+#: The core's shifted route on several threads gets ranges of output channels
+#: that are whole multiples of this (the rows of the unpacked kernel's blocks).
+SHIFTED_CHANNEL_UNIT = 8
+
 #: The core's kernels, always with single-threaded BLAS: this backend never
 #: threads BLAS. After a threaded call OpenBLAS's workers spin for about
 #: 0.1 s waiting for more work, and this backend's OpenMP threads then share
@@ -238,6 +242,14 @@ def _release_pool_workspace() -> None:
             future.result()
 
 
+def _channel_bounds(q: int, route: str) -> list[int]:
+    """Where ``q`` output channels are cut into one range per thread (the core's
+    patches or shifted route): ``[0, ..., q]``, shifted ranges in whole units."""
+    unit = SHIFTED_CHANNEL_UNIT if route == "shifted" and q >= 2 * SHIFTED_CHANNEL_UNIT else 1
+    parts = max(1, min(get_num_threads(), q // unit))
+    return [min(q, -(-q * i // parts // unit) * unit) for i in range(parts + 1)]
+
+
 def _flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1)
 
@@ -295,9 +307,9 @@ class OpenMPBackend(Backend):
                         f"{self.describe_plan('weight_grad', first, args[2], geom)}")
             part = (first[: n // parts], second, args[2][: n // parts], geom)
             return f"{parts} batch parts on the thread pool, each core: {_CORE.describe_plan(primitive, *part)}"
-        if primitive == "scatter" and second.shape[1] > 1 and scatter_route(
-                geom, c // g, second.shape[1], itemsize) == "patches":
-            parts = min(get_num_threads(), second.shape[1])
+        route = scatter_route(geom, c // g, second.shape[1], itemsize) if primitive == "scatter" else None
+        if route == "shifted" or (route == "patches" and second.shape[1] > 1):
+            parts = len(_channel_bounds(second.shape[1], route)) - 1
             return f"output channels in {parts} ranges on the thread pool, each core: {_CORE.describe_plan(primitive, *args)}"
         if primitive == "scatter":
             p, q = c // g, second.shape[1]
@@ -336,8 +348,9 @@ class OpenMPBackend(Backend):
         g = geom.groups
         p, q = c_in // g, weight.shape[1]
         dtype = grid_in.dtype
-        if q > 1 and scatter_route(geom, p, q, dtype.itemsize) == "patches":
-            return self._patches_by_channels(grid_in, weight, bias, geom)
+        route = scatter_route(geom, p, q, dtype.itemsize)
+        if route == "shifted" or (route == "patches" and q > 1):
+            return self._core_by_channels(grid_in, weight, bias, geom, route)
         taps = math.prod(geom.kernel)
         kernels = _kernels()
         plan = _plan.scatter_plan(n, g, p, q, taps, cells, math.prod(geom.image), dtype.itemsize,
@@ -369,16 +382,23 @@ class OpenMPBackend(Backend):
         )
         return out
 
-    def _patches_by_channels(self, grid_in, weight, bias, geom):
-        """Kernels wider than the grid: the core's patches route (kernel rows added as
-        runs), its output channels cut into one range per thread (the core's own loop
-        over channel blocks, started at each range)."""
-        q = weight.shape[1]
-        parts = min(get_num_threads(), q)
-        bounds = [q * i // parts for i in range(parts + 1)]
-        out = empty_result((grid_in.shape[0], geom.groups * q, *geom.image), grid_in.dtype)
-        _share_out(parts, lambda i: _CORE.scatter_channels_into(grid_in, weight, bias, geom, out,
-                                                                bounds[i], bounds[i + 1]))
+    def _core_by_channels(self, grid_in, weight, bias, geom, route: str):
+        """The core's patches route (kernels wider than the grid: kernel rows added as
+        runs) or shifted route (stride 1: each tap's product added into the output),
+        its output channels cut into one range per thread. Shifted ranges are whole
+        blocks of the unpacked kernel's rows where they can be (``SHIFTED_CHANNEL_UNIT``);
+        each output element is computed alike whatever the ranges."""
+        bounds = _channel_bounds(weight.shape[1], route)
+        parts = len(bounds) - 1
+        out = empty_result((grid_in.shape[0], geom.groups * weight.shape[1], *geom.image), grid_in.dtype)
+        computed = [True] * parts
+
+        def run_part(i: int) -> None:
+            computed[i] = _CORE.scatter_channels_into(grid_in, weight, bias, geom, out, bounds[i], bounds[i + 1])
+
+        _share_out(parts, run_part)
+        if not all(computed):  # a non-finite weight: the shifted route computed nothing
+            return _CORE.scatter(grid_in, weight, bias, geom)
         return out
 
     def gather(self, image_in, weight, bias, geom):
