@@ -284,6 +284,7 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, tile
     padding, output_padding, covers = COVER_CASES[case]
     if tiles == "columns":  # several per sample
         monkeypatch.setattr(blas_backend, "CACHE_TILE_BYTES", 1)
+        monkeypatch.setattr(blas_backend, "COVER_TILE_BYTES", 1)
         monkeypatch.setattr(blas_backend, "MIN_GEMM_COLUMNS", 5)
         monkeypatch.setattr(blas_backend, "MIN_FOLDED_GEMM_COLUMNS", 5)
     rng = np.random.default_rng(ndim)
@@ -297,6 +298,8 @@ def test_non_overlapping_taps_match_the_definition(monkeypatch, case, ndim, tile
                     kernel=(1,) * lead + w.shape[2:], stride=(1,) * lead + (2,) * ndim,
                     dilation=(1, 1, 1), pad_begin=(0,) * lead + (padding,) * ndim, groups=2)
     assert blas_backend.covers_exactly(geom) == covers
+    plan = blas_backend.scatter_plan(geom, 3, 2, 3, 8)
+    assert (plan.cols_per_tile < np.prod(x.shape[2:])) == (tiles == "columns"), plan
     expected = oracle.conv_transpose_loops(
         x, w, b, stride=(2,) * ndim, pad_begin=(padding,) * ndim, pad_end=(padding,) * ndim,
         output_padding=(output_padding,) * ndim, dilation=(1,) * ndim, groups=2)
