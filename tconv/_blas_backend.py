@@ -374,6 +374,14 @@ def weight_grad_plan(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> T
     return _phased(plan, geom, itemsize, min_stride=2)
 
 
+def gather_streams(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:
+    """Whether a regular convolution is a 1x1 product the core runs as a memory stream
+    through its unpacked kernel (``_blas_core.streams_unpacked``: few channels over a
+    large image), where a second thread has little to add."""
+    plan, identity = gather_plan(geom, n, p, q, itemsize)
+    return identity and itemsize == 4 and _blas_core.streams_unpacked(q, plan.cols_per_tile, p)
+
+
 def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:
     """Whether ``gw (Q, P*K) = dY cols^T``, summed over N * grid cells, is summed as
     its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""

@@ -163,6 +163,19 @@ cdef enum:
     STREAM_GEMM_MIN_N = 16384
 
 
+cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Whether ``gemm_rows`` runs a float32 product by the unpacked kernel."""
+    return small_gemm_ready and ((k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A)
+                                 or (k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N))
+
+
+def streams_unpacked(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k):
+    """Whether a float32 product C (m x n) = A (m x k) B (k x n) only streams memory
+    through the unpacked kernel (``STREAM_GEMM_MAX_K``): a 1x1 convolution of few
+    channels over a large image, which more threads barely speed up."""
+    return bool(small_gemm_ready and k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N)
+
+
 cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
                            bint a_transposed, const floating* b, Py_ssize_t ldb, const floating* row_init,
                            bint accumulate, floating* c, Py_ssize_t ldc) noexcept nogil:
@@ -171,9 +184,7 @@ cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float
     with row stride ``lda``, or (``a_transposed``) the transpose of a row-major (k x m)
     matrix with row stride ``lda``. The unpacked kernel where it wins
     (``SMALL_GEMM_MAX_A``, ``STREAM_GEMM_MAX_K``), else BLAS."""
-    if (floating is float and small_gemm_ready
-            and ((k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A)
-                 or (k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N))):
+    if floating is float and unpacked_wins(m, n, k):
         tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
                        <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
     else:

@@ -747,6 +747,35 @@ def test_openmp_shifted_route_splits_output_channels(openmp, monkeypatch, restor
         assert not np.isnan(np.delete(got, 17, axis=1)).any()
 
 
+def test_openmp_streaming_1x1_convolutions_run_on_the_core(openmp, restore_threads):
+    """A 1x1 convolution of few channels over a large image (the core's streaming
+    kernel: reductions of at most 16, at most 64 output channels, 16384 cells or
+    more) runs on the core at any thread count, with its bits; wider ones run
+    this backend's tasks."""
+    from tconv import _blas_backend
+    from tconv._args import prepare
+
+    if not _blas_backend._blas_core.small_gemm_available():
+        pytest.skip("the streaming kernel needs AVX-512F")
+    rng = np.random.default_rng(7)
+    tconv.set_num_threads(2)
+    for c_in, c_out, on_core in [(4, 8, True), (32, 64, False)]:
+        x = rng.standard_normal((c_in, 130, 131)).astype(np.float32)
+        w = rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32)
+        b = rng.standard_normal(c_out).astype(np.float32)
+        call = prepare(transposed=False, ndim=2, x=x, weight=w, bias=b, backend="openmp")
+        described = call.backend.describe_plan("gather", call.x, call.weight, call.bias, call.geom)
+        assert described.startswith("core, one thread: ") == on_core, described
+        got = tconv.conv2d(x, w, b, backend="openmp")
+        tconv.set_num_threads(1)
+        expected = tconv.conv2d(x, w, b, backend="blas")
+        tconv.set_num_threads(2)
+        if on_core:
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_allclose(got, np.einsum("oi,ihw->ohw", w[:, :, 0, 0], x) + b[:, None, None],
+                                   rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("route", ROUTE_SHAPES)
 def test_openmp_describes_its_plans(openmp, monkeypatch, restore_threads, route):
     """``describe_plan`` (the benchmark's JSON) names where each primitive runs."""

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import BlasBackend, covers_exactly, empty_result, phased_acc_bytes, scatter_route
+from tconv._blas_backend import (BlasBackend, covers_exactly, empty_result, gather_streams, phased_acc_bytes,
+                                 scatter_route)
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
@@ -295,7 +296,8 @@ class OpenMPBackend(Backend):
             macs = n * c * second.shape[1] // g * taps * cells
         else:  # a weight second: n * weight.size * cells multiply-adds
             macs = n * second.size * cells
-        if self._on_core(macs):
+        if self._on_core(macs) or (primitive == "gather" and gather_streams(
+                geom, n, c // g, second.shape[0] // g, itemsize)):
             return f"core, one thread: {_CORE.describe_plan(primitive, *args)}"
         if primitive == "gather_and_weight_grad":
             parts = _plan.pair_parts(n, macs, second.nbytes, n * cells)
@@ -408,6 +410,14 @@ class OpenMPBackend(Backend):
             return _CORE.gather(image_in, weight, bias, geom)
         g = geom.groups
         p, q = c_in // g, weight.shape[0] // g
+        if gather_streams(geom, n, p, q, image_in.itemsize):
+            # A 1x1 convolution of few channels over a large image only streams memory:
+            # the core's unpacked kernel on one thread beats this backend's tasks on
+            # two (their thin BLAS GEMMs pack every tile). At 2 threads, interleaved
+            # medians of 7-9: 4->8 on 816x1022 (the benchmark's image convolution)
+            # 4.0-9.1 -> 0.94-1.16 ms, 8->16 512x512 2.4 -> 1.7, 3->16 224x224 batch 8
+            # 2.8 -> 1.5; 16->32 256x256 even; wider ones (32->64) run the tasks.
+            return _CORE.gather(image_in, weight, bias, geom)
         taps = math.prod(geom.kernel)
         kernels = _kernels()
         if taps_leave_image(geom) and not kernels.all_finite(_flat(weight), get_num_threads()):
