@@ -378,8 +378,10 @@ def gather_streams(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> boo
     """Whether a regular convolution is a 1x1 product the core runs as a memory stream
     through its unpacked kernel (``_blas_core.streams_unpacked``: few channels over a
     large image), where a second thread has little to add."""
+    if _blas_core is None or itemsize != 4:
+        return False
     plan, identity = gather_plan(geom, n, p, q, itemsize)
-    return identity and itemsize == 4 and _blas_core.streams_unpacked(q, plan.cols_per_tile, p)
+    return identity and _blas_core.streams_unpacked(q, plan.cols_per_tile, p)
 
 
 def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:

@@ -1628,7 +1628,7 @@ cdef int scatter_shifted(const Geom* gp, const float* x, const float* w, const f
     # grid rows one band reads, at most, and the copies' channel stride
     cdef Py_ssize_t band_rows = rows_per_band + (KH - 1) * g.dilation[1], ld_copy = band_rows * W
     cdef Py_ssize_t b, d, h0, h1, gi, gd, kd, kh, kw, tap, q, p, r, r0, r1, row_shift, col_shift, a0, a1
-    cdef bint copies_x
+    cdef bint in_place
     cdef float value
     cdef float nonfinite = 0
     cdef Workspace ws
@@ -1693,8 +1693,8 @@ cdef int scatter_shifted(const Geom* gp, const float* x, const float* w, const f
                             for kw in range(KW):
                                 tap = (kd * KH + kh) * KW + kw
                                 col_shift = g.pad[2] - kw * g.dilation[2]
-                                copies_x = col_shift == 0 and W == GW
-                                if copies_x:
+                                in_place = col_shift == 0 and W == GW
+                                if in_place:
                                     operand, ld_operand = x_slice + (a0 + row_shift) * GW, L
                                 else:
                                     operand = shifted + kw * P * ld_copy + (a0 + row_shift - r0) * W
