@@ -163,17 +163,22 @@ cdef enum:
     STREAM_GEMM_MIN_N = 16384
 
 
+cdef inline bint streams(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Whether a float32 product only streams memory through the unpacked kernel."""
+    return small_gemm_ready and k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N
+
+
 cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
     """Whether ``gemm_rows`` runs a float32 product by the unpacked kernel."""
-    return small_gemm_ready and ((k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A)
-                                 or (k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N))
+    return (small_gemm_ready and k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A
+            or streams(m, n, k))
 
 
 def streams_unpacked(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k):
     """Whether a float32 product C (m x n) = A (m x k) B (k x n) only streams memory
     through the unpacked kernel (``STREAM_GEMM_MAX_K``): a 1x1 convolution of few
     channels over a large image, which more threads barely speed up."""
-    return bool(small_gemm_ready and k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N)
+    return bool(streams(m, n, k))
 
 
 cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
@@ -1733,18 +1738,20 @@ cdef struct ScatterPlan:
 
 
 cdef int run_scatter(const ScatterPlan* p, const floating* x, const floating* w, const floating* bias,
-                     bint has_bias, floating* y) except -1 nogil:
-    """0, or 1 where the shifted route met a non-finite weight and computed nothing."""
+                     bint has_bias, floating* y, Py_ssize_t q_first, Py_ssize_t q_end) except -1 nogil:
+    """0, or 1 where the shifted route met a non-finite weight and computed nothing.
+    Output channels ``q_first .. q_end - 1`` of each group on the patches and shifted
+    routes; the others write them all."""
     if p.route == ROUTE_SHIFTED:
         if floating is float:  # (ScatterCall takes this route for float32 only)
             return scatter_shifted(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups,
-                                   p.tiling[0], 0, p.q)
+                                   p.tiling[0], q_first, q_end)
         return 1
     if p.route == ROUTE_SINGLE_CELL:
         return scatter_single_cell(x, w, bias, has_bias, y, p.n, p.c_in, p.q * p.g.taps, p.g.taps, p.groups)
     if p.route == ROUTE_PATCHES:
         return scatter_patches(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups,
-                               p.tiling[0], p.tiling[1], 0, p.q)
+                               p.tiling[0], p.tiling[1], q_first, q_end)
     return scatter_col2im(&p.g, x, w, bias, has_bias, y, p.n, p.c_in, p.q, p.groups, p.tiling[0],
                           p.tiling[1], p.tiling[2], p.tiling[3], p.interleaved, p.exact_cover, p.phased)
 
@@ -1814,7 +1821,6 @@ cdef class ScatterCall:
         cdef bint has_bias = bias is not None
         cdef void* bias_data = NULL
         cdef cnp.ndarray out
-        cdef int status
         self.check(grid_in, self.grid_size, "grid_in")
         self.check(weight, self.weight_size, "weight")
         if has_bias:
@@ -1824,18 +1830,24 @@ cdef class ScatterCall:
             out = pooled_result(5, self.out_dims, self.dtype, self.out_bytes)
         else:
             out = cnp.PyArray_EMPTY(5, self.out_dims, self.type_num, 0)
+        if self.run(grid_in, weight, bias_data, has_bias, out, 0, self.plan.q):
+            return self.fallback(grid_in, weight, bias)  # a non-finite weight on the shifted route
+        return out
+
+    cdef int run(self, cnp.ndarray grid_in, cnp.ndarray weight, void* bias_data, bint has_bias,
+                 cnp.ndarray out, Py_ssize_t q_first, Py_ssize_t q_end) except -1:
+        """``run_scatter`` in the plan's dtype, on checked arrays."""
+        cdef int status
         with nogil:
             if self.type_num == cnp.NPY_FLOAT32:
                 status = run_scatter(&self.plan, <const float*>cnp.PyArray_DATA(grid_in),
                                      <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
-                                     <float*>cnp.PyArray_DATA(out))
+                                     <float*>cnp.PyArray_DATA(out), q_first, q_end)
             else:
                 status = run_scatter(&self.plan, <const double*>cnp.PyArray_DATA(grid_in),
                                      <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data,
-                                     has_bias, <double*>cnp.PyArray_DATA(out))
-        if status:  # a non-finite weight on the shifted route
-            return self.fallback(grid_in, weight, bias)
-        return out
+                                     has_bias, <double*>cnp.PyArray_DATA(out), q_first, q_end)
+        return status
 
     def channels_into(self, cnp.ndarray grid_in not None, cnp.ndarray weight not None, object bias,
                       cnp.ndarray out not None, Py_ssize_t q_first, Py_ssize_t q_end):
@@ -1846,7 +1858,6 @@ cdef class ScatterCall:
         cdef bint has_bias = bias is not None
         cdef void* bias_data = NULL
         cdef Py_ssize_t out_size = self.out_dims[0] * self.out_dims[1] * self.plan.g.image_cells
-        cdef int status = 0
         if self.plan.route != ROUTE_PATCHES and self.plan.route != ROUTE_SHIFTED:
             raise ValueError("ScatterCall.channels_into: only the patches and shifted routes run by "
                              "channel ranges")
@@ -1860,21 +1871,4 @@ cdef class ScatterCall:
         if has_bias:
             self.check(bias, self.out_dims[1], "bias")
             bias_data = cnp.PyArray_DATA(<cnp.ndarray>bias)
-        with nogil:
-            if self.plan.route == ROUTE_SHIFTED:  # (float32 only)
-                status = scatter_shifted(&self.plan.g, <const float*>cnp.PyArray_DATA(grid_in),
-                                         <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data,
-                                         has_bias, <float*>cnp.PyArray_DATA(out), self.plan.n,
-                                         self.plan.c_in, self.plan.q, self.plan.groups, self.plan.tiling[0],
-                                         q_first, q_end)
-            elif self.type_num == cnp.NPY_FLOAT32:
-                scatter_patches(&self.plan.g, <const float*>cnp.PyArray_DATA(grid_in),
-                                <const float*>cnp.PyArray_DATA(weight), <const float*>bias_data, has_bias,
-                                <float*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
-                                self.plan.groups, self.plan.tiling[0], self.plan.tiling[1], q_first, q_end)
-            else:
-                scatter_patches(&self.plan.g, <const double*>cnp.PyArray_DATA(grid_in),
-                                <const double*>cnp.PyArray_DATA(weight), <const double*>bias_data, has_bias,
-                                <double*>cnp.PyArray_DATA(out), self.plan.n, self.plan.c_in, self.plan.q,
-                                self.plan.groups, self.plan.tiling[0], self.plan.tiling[1], q_first, q_end)
-        return status == 0
+        return self.run(grid_in, weight, bias_data, has_bias, out, q_first, q_end) == 0

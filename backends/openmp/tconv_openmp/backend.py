@@ -243,6 +243,12 @@ def _release_pool_workspace() -> None:
             future.result()
 
 
+def _by_channels(route: str, q: int) -> bool:
+    """Whether a transposed convolution on the core's ``route`` runs as ranges of its
+    ``q`` output channels (``_core_by_channels``)."""
+    return route == "shifted" or (route == "patches" and q > 1)
+
+
 def _channel_bounds(q: int, route: str) -> list[int]:
     """Where ``q`` output channels are cut into one range per thread (the core's
     patches or shifted route): ``[0, ..., q]``, shifted ranges in whole units."""
@@ -310,7 +316,7 @@ class OpenMPBackend(Backend):
             part = (first[: n // parts], second, args[2][: n // parts], geom)
             return f"{parts} batch parts on the thread pool, each core: {_CORE.describe_plan(primitive, *part)}"
         route = scatter_route(geom, c // g, second.shape[1], itemsize) if primitive == "scatter" else None
-        if route == "shifted" or (route == "patches" and second.shape[1] > 1):
+        if _by_channels(route, second.shape[1]):
             parts = len(_channel_bounds(second.shape[1], route)) - 1
             return f"output channels in {parts} ranges on the thread pool, each core: {_CORE.describe_plan(primitive, *args)}"
         if primitive == "scatter":
@@ -351,7 +357,7 @@ class OpenMPBackend(Backend):
         p, q = c_in // g, weight.shape[1]
         dtype = grid_in.dtype
         route = scatter_route(geom, p, q, dtype.itemsize)
-        if route == "shifted" or (route == "patches" and q > 1):
+        if _by_channels(route, q):
             return self._core_by_channels(grid_in, weight, bias, geom, route)
         taps = math.prod(geom.kernel)
         kernels = _kernels()
