@@ -1,9 +1,9 @@
 """The machine the figures come from: CPU, cores, BLAS, and its GEMM peak.
 
 The peak is measured, not looked up: a large single-precision GEMM through
-the BLAS that tconv's core calls (``scipy.linalg.cython_blas``, i.e.
-SciPy's own OpenBLAS; ``scipy.linalg.blas.sgemm`` goes through the same
-library), at the thread count of the cases it is compared with. On a shared
+the BLAS that tconv's core calls (``tconv._blas_library``: scipy-openblas32's
+OpenBLAS where installed, else SciPy's), at the thread count of the cases it
+is compared with. On a shared
 machine one measurement can catch a busy moment, so the suite measures it
 before and after each thread count's cases and keeps the faster, and times
 it again beside the cases held to the peak target.
@@ -74,32 +74,27 @@ def core_counts() -> dict[str, int | None]:
 
 
 def blas_libraries() -> list[dict[str, Any]]:
-    """Every BLAS loaded in this process (threadpoolctl), the core's one marked.
-
-    Importing ``scipy.linalg.cython_blas`` first makes sure SciPy's BLAS,
-    the one the core calls, is loaded and listed.
-    """
-    import scipy
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the core's BLAS)
+    """Every BLAS loaded in this process (threadpoolctl), the core's one marked
+    (``tconv._blas_library``: scipy-openblas32's where installed, else SciPy's)."""
     from threadpoolctl import threadpool_info
 
-    scipy_root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+    from tconv import _blas_backend, _blas_library  # noqa: F401  (loads the core's BLAS)
+
     libraries = []
     for lib in threadpool_info():
         if lib.get("user_api") != "blas":
             continue
-        path = lib.get("filepath", "")
         entry = {
             key: lib.get(key)
             for key in ("internal_api", "version", "architecture", "threading_layer", "num_threads", "filepath")
         }
-        entry["used_by_core"] = path.startswith(os.path.join(scipy_root, "scipy"))
+        entry["used_by_core"] = _blas_library.core_calls(lib.get("filepath", ""))
         libraries.append(entry)
     return libraries
 
 
 def core_blas() -> dict[str, Any] | None:
-    """The BLAS tconv's core calls (SciPy's), or None if it could not be told apart."""
+    """The BLAS tconv's core calls (threadpoolctl's entry), or None if it could not be told apart."""
     for lib in blas_libraries():
         if lib["used_by_core"]:
             return lib
@@ -111,7 +106,10 @@ def machine_info() -> dict[str, Any]:
     import numpy
     import scipy
 
+    from tconv import _blas_library
+
     blas = core_blas()
+    choice = _blas_library.chosen()
     return {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
@@ -125,19 +123,19 @@ def machine_info() -> dict[str, Any]:
             if blas
             else "unknown"
         ),
+        "blas_provider": choice.name if choice else None,
         "blas_libraries": blas_libraries(),
     }
 
 
 def gemm_runner(threads: int, size: int = 2048) -> tuple[Callable[[], Any], float]:
-    """A square single-precision GEMM ``C = A @ B`` through the core's BLAS, and its flop count.
+    """A square single-precision GEMM ``C = A @ B`` through the core's BLAS (its
+    ``blas_matmul`` twin: the very ``sgemm_`` its kernels call), and its flop count.
 
-    Fortran-ordered operands and output, so SciPy copies nothing; the call
-    sets the BLAS to ``threads`` threads through tconv's own switch (a
+    The call sets the BLAS to ``threads`` threads through tconv's own switch (a
     backend called before may have left it at another count).
     """
-    from scipy.linalg.blas import sgemm
-
+    from tconv._blas_backend import _blas_core
     from tconv._threads import set_blas_threads
 
     rng = np.random.default_rng(0)
@@ -147,7 +145,7 @@ def gemm_runner(threads: int, size: int = 2048) -> tuple[Callable[[], Any], floa
 
     def run():
         set_blas_threads(threads)
-        sgemm(1.0, a, b, 0.0, c, overwrite_c=1)
+        _blas_core.blas_matmul(a, b, c)
 
     return run, 2.0 * size**3
 

@@ -108,7 +108,7 @@ def describe_plan(backend: str, case: Case, arrays: dict[str, np.ndarray]) -> An
 
 
 def blas_threads() -> int | None:
-    """Threads of the core's BLAS (SciPy's OpenBLAS) right now, per threadpoolctl."""
+    """Threads of the core's BLAS (``tconv._blas_library``) right now, per threadpoolctl."""
     from .machine import core_blas
 
     blas = core_blas()
@@ -142,8 +142,7 @@ def gemm_floor(case: Case, threads: int) -> Callable[[], None]:
     method can do: what tconv takes beyond it is scatter/gather, copies and
     dispatch. It is timed in the same rounds as tconv and the peers.
     """
-    from scipy.linalg.blas import sgemm
-
+    from tconv._blas_backend import _blas_core
     from tconv._threads import set_blas_threads  # tconv's own switch, so its cache stays true
 
     rng = np.random.default_rng(0)
@@ -156,6 +155,6 @@ def gemm_floor(case: Case, threads: int) -> Callable[[], None]:
     def run() -> None:
         set_blas_threads(threads)  # a backend called before may have left BLAS at another count
         for a, b, c in operands:
-            sgemm(1.0, a, b, 0.0, c, overwrite_c=1)
+            _blas_core.blas_matmul(a, b, c)
 
     return run

@@ -31,6 +31,9 @@ from .registry import (
     use_backend,
 )
 from . import shape
+from . import _blas_library
+
+_blas_library.requested()  # a bad TCONV_BLAS fails the import (see there)
 
 __all__ = [
     "__version__",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _threads
+from . import _blas_library, _threads
 from ._numpy_backend import NumpyBackend
 from .backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from .registry import get_num_threads
@@ -39,6 +39,7 @@ except ImportError as exc:  # an uninstalled source tree, or a failed build
     _IMPORT_ERROR = f"the compiled core is not built ({exc}); run `pip install .`"
 else:
     _IMPORT_ERROR = ""
+    _blas_library.choose(_blas_core)  # (before threadpoolctl's scan: see _threads.controller)
 
 #: Upper bound of the work buffers one call allocates (column buffer plus
 #: packed operand). SPEC's bound is 64 MiB; this leaves headroom.
@@ -437,7 +438,7 @@ class BlasBackend(Backend):
     """
 
     name = "blas"
-    description = "compiled core: Cython im2col/col2im + BLAS GEMM (scipy.linalg.cython_blas)"
+    description = "compiled core: Cython im2col/col2im + BLAS GEMM (scipy-openblas32, else SciPy's cython_blas)"
     default_priority = 10
 
     def __init__(self, blas_threads: int | None = None) -> None:

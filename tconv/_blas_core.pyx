@@ -30,7 +30,7 @@ cimport numpy as cnp
 from cython cimport floating
 from libc.string cimport memset, memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX, PY_SSIZE_T_MIN
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg cimport cython_blas
 
 cnp.import_array()
 
@@ -81,6 +81,45 @@ cdef Geom make_geom(tuple image, tuple grid, tuple kernel, tuple stride, tuple d
 # --------------------------------------------------------------------------- #
 # BLAS
 # --------------------------------------------------------------------------- #
+# The Fortran-ABI sgemm_ / dgemm_ every BLAS product goes through: SciPy's
+# (``scipy.linalg.cython_blas``), unless ``use_blas`` pointed them at another
+# OpenBLAS (``tconv._blas_library`` does, once, when tconv loads).
+ctypedef void sgemm_t(char* transa, char* transb, int* m, int* n, int* k, float* alpha, float* a, int* lda,
+                      float* b, int* ldb, float* beta, float* c, int* ldc) noexcept nogil
+ctypedef void dgemm_t(char* transa, char* transb, int* m, int* n, int* k, double* alpha, double* a, int* lda,
+                      double* b, int* ldb, double* beta, double* c, int* ldc) noexcept nogil
+
+cdef sgemm_t* blas_sgemm = cython_blas.sgemm
+cdef dgemm_t* blas_dgemm = cython_blas.dgemm
+
+
+def use_blas(size_t sgemm_address=0, size_t dgemm_address=0):
+    """Route every BLAS GEMM of the core through the ``sgemm_`` and ``dgemm_`` at these
+    addresses (Fortran calling convention, 32-bit ints: an LP64 OpenBLAS's, or
+    SciPy's), or back to SciPy's ``cython_blas`` where an address is 0. Not while a
+    call runs: set once, before any."""
+    global blas_sgemm, blas_dgemm
+    blas_sgemm = <sgemm_t*>sgemm_address if sgemm_address else cython_blas.sgemm
+    blas_dgemm = <dgemm_t*>dgemm_address if dgemm_address else cython_blas.dgemm
+
+
+def blas_addresses():
+    """The addresses of the ``sgemm_`` and ``dgemm_`` the core calls (SciPy's own are
+    ``cython_blas``'s wrappers)."""
+    return <size_t>blas_sgemm, <size_t>blas_dgemm
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def blas_matmul(const floating[::1, :] a, const floating[::1, :] b, floating[::1, :] c):
+    """``c = a @ b`` (Fortran-ordered, shapes checked by the caller) through the core's
+    BLAS: the GEMM the benchmark's peak is measured with."""
+    cdef floating one = 1, zero = 0
+    with nogil:
+        gemm(c'N', c'N', c.shape[0], c.shape[1], a.shape[1], one, &a[0, 0], a.shape[0],
+             &b[0, 0], b.shape[0], zero, &c[0, 0], c.shape[0])
+
+
 cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       floating alpha, const floating* a, Py_ssize_t lda,
                       const floating* b, Py_ssize_t ldb, floating beta,
@@ -92,10 +131,10 @@ cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_s
     cdef int im = <int>m, i_n = <int>n, ik = <int>k
     cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
     if floating is float:
-        sgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <float*>a, &ilda,
+        blas_sgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <float*>a, &ilda,
               <float*>b, &ildb, &beta, c, &ildc)
     else:
-        dgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <double*>a, &ilda,
+        blas_dgemm(&transa, &transb, &im, &i_n, &ik, &alpha, <double*>a, &ilda,
               <double*>b, &ildb, &beta, c, &ildc)
 
 

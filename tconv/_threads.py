@@ -1,6 +1,7 @@
 """BLAS thread control through threadpoolctl, cheap enough for every call.
 
-NumPy and SciPy may each load their own OpenBLAS; threadpoolctl finds both.
+NumPy, SciPy and scipy-openblas32 (the core's, ``_blas_library``) may each load
+their own OpenBLAS; threadpoolctl finds them all.
 The controller is built once (it scans the loaded libraries) and a limit is
 only applied when it differs from the one already in force.
 """
@@ -12,10 +13,6 @@ import threading
 
 from threadpoolctl import ThreadpoolController
 
-# Load SciPy's BLAS (the one the compiled core calls) before threadpoolctl
-# scans the process: a library loaded after the scan is never controlled.
-importlib.import_module("scipy.linalg.cython_blas")
-
 _controller: ThreadpoolController | None = None
 _lock = threading.Lock()
 _current: int | None = None
@@ -25,6 +22,10 @@ def controller() -> ThreadpoolController:
     """The process's ThreadpoolController (built on first use)."""
     global _controller
     if _controller is None:
+        # Load the BLAS the core calls (``_blas_library``) before threadpoolctl
+        # scans the process: a library loaded after the scan is never controlled.
+        importlib.import_module("scipy.linalg.cython_blas")
+        importlib.import_module("tconv._blas_backend")
         with _lock:
             if _controller is None:
                 _controller = ThreadpoolController()

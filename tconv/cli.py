@@ -202,6 +202,7 @@ def info_report() -> dict:
              "used_by": _blas_user(lib.get("filepath") or "")}
             for lib in blas_info()
         ],
+        "core_blas": _core_blas(),
         "num_threads": threads,
         "num_threads_error": threads_error,
         "TCONV_NUM_THREADS": os.environ.get("TCONV_NUM_THREADS") or None,
@@ -209,12 +210,27 @@ def info_report() -> dict:
     }
 
 
+def _core_blas() -> dict | None:
+    """The BLAS the core chose (``TCONV_BLAS``), with why; None where the core is not built."""
+    from . import _blas_library
+
+    choice = _blas_library.chosen()
+    if choice is None:
+        return None
+    return {"name": choice.name, "path": choice.path, "reason": choice.reason,
+            "TCONV_BLAS": os.environ.get("TCONV_BLAS") or None}
+
+
 def _blas_user(path: str) -> str:
-    """Who calls a BLAS library, guessed from the folder its wheel put it in
-    (both wheels name their library ``libscipy_openblas``: the folder tells)."""
+    """Who calls a BLAS library: the core (``_blas_library``), else guessed from the
+    folder its wheel put it in (the wheels all name it ``libscipy_openblas``)."""
+    from . import _blas_library
+
+    if _blas_library.core_calls(path):
+        return "the compiled core: the blas and openmp backends' GEMM"
     folder = os.path.basename(os.path.dirname(path))
     if folder.startswith("scipy"):
-        return "SciPy: the blas backend's GEMM (scipy.linalg.cython_blas)"
+        return "SciPy (scipy.linalg)"
     if folder.startswith("numpy"):
         return "NumPy (the numpy backend's matmul and tensordot)"
     return ""
@@ -255,6 +271,10 @@ def _print_info(report: dict, out) -> None:
             p(f"    {' ' * width}  threads: {b['threads']}")
     p()
     p("BLAS:")
+    core = report["core_blas"]
+    if core:
+        p(f"  the core calls {core['name']}'s GEMM" + (f" ({core['reason']})" if core["reason"] else "")
+          + "; TCONV_BLAS=scipy or scipy-openblas32 chooses")
     if not report["blas"]:
         p("  none found by threadpoolctl")
     for lib in report["blas"]:

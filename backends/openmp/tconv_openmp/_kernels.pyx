@@ -34,7 +34,7 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport isfinite
 from libc.string cimport memcpy, memset
 from cpython.pyport cimport PY_SSIZE_T_MAX, PY_SSIZE_T_MIN
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg cimport cython_blas
 
 cdef extern from *:
     """
@@ -112,6 +112,25 @@ cdef Sizes make_sizes(tuple image, tuple grid, tuple kernel, Py_ssize_t stride_w
 # --------------------------------------------------------------------------- #
 # BLAS
 # --------------------------------------------------------------------------- #
+# The sgemm_ / dgemm_ the tasks call: SciPy's until ``use_blas`` hands over the
+# core's (``tconv._blas_core.blas_addresses()``, the library ``TCONV_BLAS`` chose).
+ctypedef void sgemm_t(char* transa, char* transb, int* m, int* n, int* k, float* alpha, float* a, int* lda,
+                      float* b, int* ldb, float* beta, float* c, int* ldc) noexcept nogil
+ctypedef void dgemm_t(char* transa, char* transb, int* m, int* n, int* k, double* alpha, double* a, int* lda,
+                      double* b, int* ldb, double* beta, double* c, int* ldc) noexcept nogil
+
+cdef sgemm_t* blas_sgemm = cython_blas.sgemm
+cdef dgemm_t* blas_dgemm = cython_blas.dgemm
+
+
+def use_blas(size_t sgemm_address, size_t dgemm_address):
+    """Call the ``sgemm_`` and ``dgemm_`` at these addresses (the core's, see
+    ``tconv._blas_core.use_blas``); set once, before any task runs."""
+    global blas_sgemm, blas_dgemm
+    blas_sgemm = <sgemm_t*>sgemm_address
+    blas_dgemm = <dgemm_t*>dgemm_address
+
+
 cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
                       floating beta, floating* c, Py_ssize_t ldc) noexcept nogil:
@@ -120,10 +139,10 @@ cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_s
     cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
     cdef floating one = 1
     if floating is float:
-        sgemm(&transa, &transb, &im, &i_n, &ik, &one, <float*>a, &ilda,
+        blas_sgemm(&transa, &transb, &im, &i_n, &ik, &one, <float*>a, &ilda,
               <float*>b, &ildb, &beta, c, &ildc)
     else:
-        dgemm(&transa, &transb, &im, &i_n, &ik, &one, <double*>a, &ilda,
+        blas_dgemm(&transa, &transb, &im, &i_n, &ik, &one, <double*>a, &ilda,
               <double*>b, &ildb, &beta, c, &ildc)
 
 

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tconv import _threads
-from tconv._blas_backend import (BlasBackend, covers_exactly, empty_result, gather_streams, phased_acc_bytes,
-                                 scatter_route)
+from tconv._blas_backend import (BlasBackend, _blas_core, covers_exactly, empty_result, gather_streams,
+                                 phased_acc_bytes, scatter_route)
 from tconv._numpy_backend import NumpyBackend
 from tconv.backend import Backend, Geometry, taps_leave_image, weight_grad_needs_exact
 from tconv.registry import get_num_threads
@@ -69,10 +69,14 @@ SHIFTED_CHANNEL_UNIT = 8
 _CORE = BlasBackend(blas_threads=1)
 
 
+@functools.lru_cache(maxsize=1)
 def _kernels():
-    """The compiled module, or ImportError (kept lazy so importing this module never fails)."""
+    """The compiled module, or ImportError (kept lazy so importing this module never
+    fails), its GEMMs pointed at the core's BLAS (``tconv._blas_library``)."""
     from . import _kernels as kernels
 
+    if _blas_core is not None:
+        kernels.use_blas(*_blas_core.blas_addresses())
     return kernels
 
 
