@@ -298,7 +298,7 @@ def print_report(document: dict[str, Any], out: Console | None = None) -> None:
     mismatched = sorted({f"{s['backend']} at {s['threads']}" for s in document["summary"] if s["blas_threads_mismatch"]})
     if mismatched:
         notes.append(
-            f"SciPy's BLAS was not at the asked thread count after the calls of: {', '.join(mismatched)} "
+            f"the core's BLAS was not at the asked thread count after the calls of: {', '.join(mismatched)} "
             f"(fine for a backend that runs its own threads, a bug for one that threads through BLAS)"
         )
     for r in document["results"]:

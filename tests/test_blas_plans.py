@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import oracle
 import tconv
@@ -44,6 +46,8 @@ PATHS = {
     # col2im adding strided runs into the output instead of the phase-major accumulator
     "folded_unphased": (dict(INTERLEAVE_MIN_SAMPLES=10**9, PHASED_MAX_BYTES=0), "samples folded per GEMM"),
     "folded_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2), "sample-minor"),
+    # the im2col plans' GEMMs skip padding's taps (2-D only: the k3 s2 p1 grid's first row)
+    "border_taps_skipped": (dict(INTERLEAVE_MIN_SAMPLES=2, BORDER_BAND_MIN_COLUMNS=1), "sample-minor"),
     # col2im's budget too small for all output channels at once (set per ndim below)
     "channel_blocks_interleaved": (dict(INTERLEAVE_MIN_SAMPLES=2, MIN_FOLDED_GEMM_COLUMNS=10**9,
                                         CACHE_TILE_BYTES=1), "sample-minor"),
@@ -118,6 +122,7 @@ def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, 
         assert plans[0].row_block < C_OUT // GROUPS, plans[0]
     if path.startswith("folded_"):
         assert all(plan.phased == (path == "folded_plain") for plan in plans), plans
+    assert [plan.skips_border_taps for plan in plans] == [False, *[path == "border_taps_skipped" and ndim == 2] * 2]
     expected = _everything(x, w, wc, b, ndim, "numpy")
     for g, e in zip(got, expected):
         assert_close(g, e)
@@ -161,7 +166,8 @@ def test_outputs_are_written_not_read(monkeypatch, path, ndim, with_bias, assert
         assert_close(g, e)
 
 
-@pytest.mark.parametrize("path", ["column_tiles", "folded_plain", "folded_interleaved", "tight_budget"])
+@pytest.mark.parametrize("path", ["column_tiles", "folded_plain", "folded_interleaved", "border_taps_skipped",
+                                  "tight_budget"])
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("gw_transposed", [False, True])
@@ -556,3 +562,29 @@ def test_wide_kernels_go_phased_when_a_sample_fits(monkeypatch, fits, ndim, asse
     assert_close(got, oracle.conv_transpose_loops(
         x, w, b, stride=(3,) * ndim, pad_begin=(4,) * ndim, pad_end=(4,) * ndim,
         output_padding=(2,) * ndim, dilation=(1,) * ndim, groups=1))
+
+
+@given(grid=st.integers(1, 9), kernel=st.integers(1, 6), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pad=st.integers(0, 6), extra=st.integers(-2, 3))
+def test_border_bands_are_the_kernel_rows_each_grid_row_meets(grid, kernel, stride, dilation, pad, extra):
+    """``_blas_core.border_bands`` against the index map written out: grid row ``lh``
+    meets kernel row ``kh`` where ``0 <= lh * stride - pad + kh * dilation < H``."""
+    height = max(1, (grid - 1) * stride - pad + dilation * (kernel - 1) + 1 + extra)
+    met = [[kh for kh in range(kernel) if 0 <= lh * stride - pad + kh * dilation < height] for lh in range(grid)]
+    bands = blas_backend._blas_core.border_bands((1, height, 5), (1, grid, 3), (1, kernel, 2), (1, stride, 1),
+                                                 (1, dilation, 1), (0, pad, 0))
+    if kernel < 2 or any(not rows for rows in met) or all(len(rows) == kernel for rows in met):
+        assert bands == []
+        return
+    merged = []
+    for lh, rows in enumerate(met):
+        assert rows == list(range(rows[0], rows[-1] + 1))  # (a range, as the bands assume)
+        if merged and merged[-1][1:] == (rows[0], rows[-1] + 1):
+            merged[-1] = (lh + 1, rows[0], rows[-1] + 1)
+        else:
+            merged.append((lh + 1, rows[0], rows[-1] + 1))
+    assert bands == (merged if len(merged) <= 16 else [])
+
+
+def test_three_d_kernels_are_not_banded():
+    assert blas_backend._blas_core.border_bands((4, 8, 8), (2, 4, 4), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)) == []
