@@ -394,7 +394,7 @@ def pair_workspace_bytes(plan: TilePlan, geom: Geometry, p: int, q: int, itemsiz
     taps = math.prod(geom.kernel)
     image_tile = p * math.prod(geom.image) * plan.samples_per_tile if plan.interleaved else 0
     packed = 2 * q * plan.cols_per_tile + image_tile if plan.samples_per_tile > 1 else 0
-    copies = 2 * geom.groups * q * p * taps if plan.skips_border_taps else 0  # (the sum's and the weight's)
+    copies = (geom.groups * q + 1) * p * taps if plan.skips_border_taps else 0  # (the weight's, a row buffer)
     return (p * taps * plan.cols_per_tile + packed + copies) * itemsize
 
 

@@ -387,16 +387,21 @@ cdef void to_kernel_rows_outer(const floating* src, Py_ssize_t Q, Py_ssize_t P, 
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void from_kernel_rows_outer(const floating* src, Py_ssize_t Q, Py_ssize_t P, const Geom* g,
-                                 bint transposed, floating* dst) noexcept nogil:
+                                 bint transposed, floating* dst, floating* row_buffer) noexcept nogil:
     """``dst[q, p * K + k]`` = element ``(q, column_row(p, k))`` of ``src``, a (Q x P*K)
-    row-major matrix, or (``transposed``) its (P*K x Q) transpose."""
+    row-major matrix, or (``transposed``) its (P*K x Q) transpose. ``src`` may be
+    ``dst`` (not transposed): each row goes through ``row_buffer`` (P*K elements)."""
     cdef Py_ssize_t q, p, o, kw, r, Kw = g.kernel[2], Ko = g.taps // g.kernel[2], PK = P * g.taps
+    cdef const floating* row
     for q in range(Q):
+        if not transposed:
+            memcpy(row_buffer, src + q * PK, PK * sizeof(floating))
+            row = row_buffer
         for p in range(P):
             for o in range(Ko):
                 for kw in range(Kw):
                     r = (o * P + p) * Kw + kw
-                    dst[q * PK + (p * Ko + o) * Kw + kw] = src[r * Q + q] if transposed else src[q * PK + r]
+                    dst[q * PK + (p * Ko + o) * Kw + kw] = src[r * Q + q] if transposed else row[r]
 
 
 cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t cells,
@@ -1482,12 +1487,14 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
 
 
 cdef void finish_weight_grad(const Geom* g, const floating* acc, Py_ssize_t groups, Py_ssize_t P, Py_ssize_t Q,
-                             bint transposed, bint kernel_rows_outer, floating* gw) noexcept nogil:
-    """Move a weight gradient summed apart (transposed, or kernel-row-major) into ``gw``."""
+                             bint transposed, bint kernel_rows_outer, floating* gw,
+                             floating* row_buffer) noexcept nogil:
+    """Put a weight gradient summed transposed (apart) or kernel-row-major (apart, or in
+    ``gw`` itself: then through ``row_buffer``, P*K elements) in ``gw``'s order."""
     cdef Py_ssize_t gi, size = Q * P * g.taps
     if kernel_rows_outer:
         for gi in range(groups):
-            from_kernel_rows_outer(acc + gi * size, Q, P, g, transposed, gw + gi * size)
+            from_kernel_rows_outer(acc + gi * size, Q, P, g, transposed, gw + gi * size, row_buffer)
     elif transposed:
         transpose_groups(acc, groups, P * g.taps, Q, gw)
 
@@ -1607,16 +1614,16 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef floating* acc
     cdef Bands bands
     cdef const Bands* skip = &bands if skip_border_taps and interleaved and kernel_row_bands(&g, &bands) else NULL
-    cdef bint acc_apart = transposed or skip != NULL
+    cdef Py_ssize_t row_buffer_size = P * K if skip != NULL else 0
 
     with nogil:
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
-                        (packed_size + (gw_size if acc_apart else 0)) * sizeof(floating),
+                        (packed_size + row_buffer_size + (gw_size if transposed else 0)) * sizeof(floating),
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
                         &g if phased else NULL, sizeof(floating))
         cols = <floating*>ws.cols
         image_tile = <floating*>ws.packed + Q * cols_per_tile
-        acc = <floating*>ws.packed + packed_size if acc_apart else gw
+        acc = <floating*>ws.packed + packed_size + row_buffer_size if transposed else gw
         memset(acc, 0, gw_size * sizeof(floating))
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
@@ -1626,7 +1633,7 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
                              image_tile, ws.taps, <floating*>ws.phased, cols, skip)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
                                          <floating*>ws.packed, acc + gi * Q * P * K, transposed, skip)
-        finish_weight_grad(&g, acc, groups, P, Q, transposed, skip != NULL, gw)
+        finish_weight_grad(&g, acc, groups, P, Q, transposed, skip != NULL, gw, <floating*>ws.packed + packed_size)
         workspace_free(&ws)
 
 
@@ -1668,23 +1675,25 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
     cdef floating* acc
     cdef Bands bands
     cdef const Bands* skip = &bands if skip_border_taps and interleaved and kernel_row_bands(&g, &bands) else NULL
-    cdef bint acc_apart = transposed or skip != NULL
+    # with ``skip``: the weight's copy, kernel-row-major, and a row buffer (see finish_weight_grad)
+    cdef Py_ssize_t copies_size = gw_size + P * K if skip != NULL else 0
+    cdef floating* copies
 
     with nogil:
         workspace_alloc(&ws, P * K * cols_per_tile * sizeof(floating),
-                        (packed_size + (gw_size if acc_apart else 0) + (gw_size if skip != NULL else 0))
-                        * sizeof(floating),
+                        (packed_size + copies_size + (gw_size if transposed else 0)) * sizeof(floating),
                         max_tile_rows(&g, samples_per_tile, cols_per_tile),
                         &g if phased else NULL, sizeof(floating))
         cols, result = <floating*>ws.cols, <floating*>ws.packed
         packed = result + Q * cols_per_tile
         image_tile = packed + Q * cols_per_tile
-        acc = <floating*>ws.packed + packed_size if acc_apart else gw
+        copies = <floating*>ws.packed + packed_size
+        acc = copies + copies_size if transposed else gw
         memset(acc, 0, gw_size * sizeof(floating))
-        if skip != NULL:  # (the weight's copy, kernel-row-major, after the sum's buffer)
+        if skip != NULL:
             for gi in range(groups):
-                to_kernel_rows_outer(w + gi * Q * P * K, Q, P, &g, acc + gw_size + gi * Q * P * K)
-            w = acc + gw_size
+                to_kernel_rows_outer(w + gi * Q * P * K, Q, P, &g, copies + gi * Q * P * K)
+            w = copies
         for ti in range(n_tiles):
             t = tile_at(ti, samples_per_tile, cols_per_tile, n, L)
             n_rows = tile_rows(&g, &t, ws.rows)
@@ -1695,7 +1704,7 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
                                     result, y + gi * Q * L, c_grid, NULL, False, skip)
                 weight_grad_from_columns(&g, cols, dy + gi * Q * L, c_grid, P * K, Q, &t, folded, interleaved,
                                          packed, acc + gi * Q * P * K, transposed, skip)
-        finish_weight_grad(&g, acc, groups, P, Q, transposed, skip != NULL, gw)
+        finish_weight_grad(&g, acc, groups, P, Q, transposed, skip != NULL, gw, copies + gw_size)
         workspace_free(&ws)
 
 

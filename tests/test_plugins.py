@@ -425,6 +425,38 @@ def test_openmp_small_pairs_run_their_gradients_side_by_side(openmp, monkeypatch
             assert np.array_equal(got, want)
 
 
+def test_openmp_heavy_weight_pairs_run_side_by_side_at_two_threads(openmp, monkeypatch, restore_threads,
+                                                                    assert_close):
+    """A pair whose weight passes ``SIDE_BY_SIDE_MIN_WEIGHT_BYTES`` runs its two gradients
+    side by side at exactly two threads (the core's bits, as at one thread), and in
+    batch parts at three."""
+    _pairs_in_parts(openmp, monkeypatch)
+    monkeypatch.setattr(openmp.backend, "SIDE_BY_SIDE_MAX_MACS", 0)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 6, 4, 4)).astype(np.float32)
+    w = rng.standard_normal((6, 5, 4, 4)).astype(np.float32)
+    dy = rng.standard_normal((8, 5, 8, 8)).astype(np.float32)
+    kwargs = dict(stride=2, padding=1, needs=("input", "weight"))
+    tconv.set_num_threads(1)
+    core = tconv.conv_transpose2d_backward(dy, x, w, **kwargs, backend="blas")[:2]
+    from tconv._args import prepare
+
+    call = prepare(transposed=True, ndim=2, x=x, weight=w, stride=2, padding=1, grad_output=dy, backward=True,
+                   backend="openmp")
+    backend, geom_args = call.backend, (call.grad_output, call.weight, call.x, call.geom)
+    for threshold, threads, described in [(w.nbytes, 2, "side by side"), (w.nbytes, 3, "batch parts"),
+                                          (w.nbytes + 1, 2, "batch parts")]:
+        monkeypatch.setattr(openmp.backend, "SIDE_BY_SIDE_MIN_WEIGHT_BYTES", threshold)
+        tconv.set_num_threads(threads)
+        assert described in backend.describe_plan("gather_and_weight_grad", *geom_args)
+        got = tconv.conv_transpose2d_backward(dy, x, w, **kwargs, backend="openmp")[:2]
+        for g, c in zip(got, core):
+            if described == "side by side":
+                assert np.array_equal(g, c)
+            else:
+                assert_close(g, c)
+
+
 def _pairs_in_parts(openmp, monkeypatch) -> None:
     """Every backward pair, however small, runs in the openmp backend's batch parts."""
     from tconv_openmp import _plan

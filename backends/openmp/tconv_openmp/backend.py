@@ -57,6 +57,17 @@ PARALLEL_MIN_MACS = 1 << 18
 #: pairs keep every thread busy through the two calls.
 SIDE_BY_SIDE_MAX_MACS = 1 << 26
 
+#: ... and at exactly two threads, so does a pair whose weight has at least
+#: this many bytes: each thread then runs one gradient's GEMMs over the whole
+#: batch, where batch parts had each thread run both, each part summing its
+#: own weight-gradient partial (8 MiB for DCGAN 512->256). At 2 threads,
+#: interleaved A/B, medians of 9: DCGAN 512->256 backward 47.8 -> 44.1 ms,
+#: 256->128 47.4 -> 45.3; lighter weights lose (128->64, 0.5 MiB: 49.8 ->
+#: 54.5; 64->3: 6.3 -> 7.6). At three threads or more the parts stay (two
+#: gradients would leave the other threads idle): these pairs' bits at 2
+#: threads are then the core's, as at one thread, not those of 3 or more.
+SIDE_BY_SIDE_MIN_WEIGHT_BYTES = 2 << 20
+
 #: The core's shifted route on several threads gets ranges of output channels
 #: that are whole multiples of this (the rows of the unpacked kernel's blocks).
 SHIFTED_CHANNEL_UNIT = 8
@@ -78,6 +89,12 @@ def _kernels():
     if _blas_core is not None:
         kernels.use_blas(*_blas_core.blas_addresses())
     return kernels
+
+
+def _side_by_side(parts: int, macs: int, weight_bytes: int) -> bool:
+    """Whether a backward pair runs its two gradients side by side (see the constants)."""
+    return ((parts == 1 and macs <= SIDE_BY_SIDE_MAX_MACS)
+            or (weight_bytes >= SIDE_BY_SIDE_MIN_WEIGHT_BYTES and get_num_threads() == 2))
 
 
 @functools.lru_cache(maxsize=128)
@@ -311,7 +328,7 @@ class OpenMPBackend(Backend):
             return f"core, one thread: {_CORE.describe_plan(primitive, *args)}"
         if primitive == "gather_and_weight_grad":
             parts = _plan.pair_parts(n, macs, second.nbytes, n * cells)
-            if parts == 1 and macs <= SIDE_BY_SIDE_MAX_MACS:
+            if _side_by_side(parts, macs, second.nbytes):
                 return (f"side by side on two threads, each core: {_CORE.describe_plan('gather', first, second, None, geom)}"
                         f" | {_CORE.describe_plan('weight_grad', first, args[2], geom)}")
             if parts == 1:
@@ -463,7 +480,7 @@ class OpenMPBackend(Backend):
         if self._on_core(macs):
             return _CORE.gather_and_weight_grad(image_in, weight, grid_in, geom)
         parts = _plan.pair_parts(n, macs, weight.nbytes, n * math.prod(geom.grid))
-        if parts == 1 and macs <= SIDE_BY_SIDE_MAX_MACS:
+        if _side_by_side(parts, macs, weight.nbytes):
             return self._gradients_side_by_side(image_in, weight, grid_in, geom)
         if parts == 1:
             return super().gather_and_weight_grad(image_in, weight, grid_in, geom)
@@ -484,7 +501,8 @@ class OpenMPBackend(Backend):
 
     @staticmethod
     def _gradients_side_by_side(image_in, weight, grid_in, geom):
-        """A pair too small for batch parts (up to ``SIDE_BY_SIDE_MAX_MACS``), on two threads:
+        """A pair too small for batch parts (up to ``SIDE_BY_SIDE_MAX_MACS``), or with a heavy
+        weight at two threads (``SIDE_BY_SIDE_MIN_WEIGHT_BYTES``), on two threads:
         the core's ``gather`` (input gradient) on one and its ``weight_grad`` on the other,
         each with its own im2col: the same bits as the core's pair, so as at one thread."""
         results = [None, None]
