@@ -1593,7 +1593,8 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     ``phased`` as in ``gather``. ``transposed`` sums ``gw_g^T`` in a work buffer
     and transposes it at the end (BLAS runs the product faster that way round
     when Q is the smaller side). ``skip_border_taps`` as in ``gather`` (the sum
-    is kept kernel-row-major in a work buffer, reordered at the end).
+    is kept kernel-row-major, in ``out`` itself unless transposed, and put in
+    ``out``'s order at the end, a row at a time).
     """
     cdef Geom g = make_geom(image, grid, kernel, stride, dilation, pad)
     cdef Py_ssize_t n = image_in.shape[0], c_img = image_in.shape[1], c_grid = grid_in.shape[1]
