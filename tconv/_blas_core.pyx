@@ -1399,11 +1399,15 @@ cdef void tile_columns(const Geom* g, const floating* image, Py_ssize_t c_img, P
         im2col_gather(g, image, c_img * g.image_cells, g.image_cells, P * g.taps, cols, t.cols, t, rows, n_rows)
 
 
-cdef inline void band_span(const Geom* g, const Bands* bands, Py_ssize_t b, Py_ssize_t nt, Py_ssize_t PK,
+cdef inline void tile_span(const Geom* g, const Bands* bands, Py_ssize_t b, const Tile* t, Py_ssize_t PK,
                            Py_ssize_t* c0, Py_ssize_t* c1, Py_ssize_t* k0, Py_ssize_t* k1) noexcept nogil:
-    """Band ``b`` of a sample-minor tile of ``nt`` samples: its columns ``[c0, c1)`` and
-    its kernel-row-major column-buffer rows ``[k0, k1)``."""
-    cdef Py_ssize_t run = g.grid[2] * nt, per_kernel_row = PK // g.kernel[1]
+    """The ``b``-th block of a tile's GEMM: its columns ``[c0, c1)`` and column-buffer rows
+    ``[k0, k1)``. Without ``bands`` one block, the whole tile; with them (sample-minor
+    tiles, kernel-row-major rows) band ``b``'s columns and the kernel rows they meet."""
+    cdef Py_ssize_t run = g.grid[2] * t.nt, per_kernel_row = PK // g.kernel[1]
+    if bands == NULL:
+        c0[0], c1[0], k0[0], k1[0] = 0, t.cols, 0, PK
+        return
     c0[0] = (bands.row_end[b - 1] if b > 0 else 0) * run
     c1[0] = bands.row_end[b] * run
     k0[0] = bands.kh_lo[b] * per_kernel_row
@@ -1429,19 +1433,17 @@ cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld
     cdef Py_ssize_t L = g.grid_cells
     cdef const floating* row_init = bias_g if has_bias else NULL
     cdef Py_ssize_t b, c0, c1, k0, k1
-    if interleaved:  # columns sample-minor: into `result`, then transposed out
-        if bands == NULL:
-            gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, result, t.cols)
-        for b in range(bands.n if bands != NULL else 0):
-            band_span(g, bands, b, t.nt, PK, &c0, &c1, &k0, &k1)
-            gemm_rows(Q, c1 - c0, k1 - k0, w_g + k0, PK, False, cols + k0 * ld_cols + c0, ld_cols, row_init,
-                      False, result + c0, t.cols)
-        store_interleaved(result, Q, L, y_g + t.n0 * c_out * L, c_out * L, t.nt)
-    elif folded:
-        gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, result, t.cols)
-        unpack_tile(result, Q, y_g, c_out * L, L, t)
-    else:
+    if not folded:
         gemm_rows(Q, t.cols, PK, w_g, PK, False, cols, ld_cols, row_init, False, y_g + t.n0 * c_out * L + t.l0, L)
+        return
+    for b in range(bands.n if bands != NULL else 1):
+        tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
+        gemm_rows(Q, c1 - c0, k1 - k0, w_g + k0, PK, False, cols + k0 * ld_cols + c0, ld_cols, row_init,
+                  False, result + c0, t.cols)
+    if interleaved:  # columns sample-minor: transposed out of `result`
+        store_interleaved(result, Q, L, y_g + t.n0 * c_out * L, c_out * L, t.nt)
+    else:
+        unpack_tile(result, Q, y_g, c_out * L, L, t)
 
 
 @cython.boundscheck(False)
@@ -1462,16 +1464,6 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
     if interleaved:
         pack_interleaved(dy_g, c_grid * L, Q, L, packed, t.cols, t)
         operand, ld_operand = packed, t.cols
-        for b in range(bands.n if bands != NULL else 0):  # (see the column-major note below)
-            band_span(g, bands, b, t.nt, PK, &c0, &c1, &k0, &k1)
-            if transposed:
-                gemm(c'T', c'N', Q, k1 - k0, c1 - c0, one, packed + c0, t.cols, cols + k0 * t.cols + c0, t.cols,
-                     one, gw_g + k0 * Q, Q)
-            else:
-                gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, packed + c0, t.cols,
-                     one, gw_g + k0, PK)
-        if bands != NULL:
-            return
     elif folded:
         pack_tile(dy_g, c_grid * L, Q, L, packed, t)
         operand, ld_operand = packed, t.cols
@@ -1479,11 +1471,16 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
         operand, ld_operand = dy_g + t.n0 * c_grid * L + t.l0, L
     # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); dY_tile (Q x T,
     # row stride ld_operand) is col-major (T x Q); both enter transposed. C = gw_g^T,
-    # col-major (P*K x Q); or, transposed, C = gw_g col-major (Q x P*K).
-    if transposed:
-        gemm(c'T', c'N', Q, PK, t.cols, one, operand, ld_operand, cols, t.cols, one, gw_g, Q)
-    else:
-        gemm(c'T', c'N', PK, Q, t.cols, one, cols, t.cols, operand, ld_operand, one, gw_g, PK)
+    # col-major (P*K x Q); or, transposed, C = gw_g col-major (Q x P*K). A block of
+    # rows k0..k1 and columns c0..c1 (``tile_span``) is the same product on sub-matrices.
+    for b in range(bands.n if bands != NULL else 1):
+        tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
+        if transposed:
+            gemm(c'T', c'N', Q, k1 - k0, c1 - c0, one, operand + c0, ld_operand, cols + k0 * t.cols + c0, t.cols,
+                 one, gw_g + k0 * Q, Q)
+        else:
+            gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, operand + c0, ld_operand,
+                 one, gw_g + k0, PK)
 
 
 cdef void finish_weight_grad(const Geom* g, const floating* acc, Py_ssize_t groups, Py_ssize_t P, Py_ssize_t Q,
