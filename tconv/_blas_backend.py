@@ -143,6 +143,12 @@ PHASED_MAX_BYTES = 256 * 2**10
 #: gained at 1 thread (81 -> 78) and lost at 2 (53 -> 56), hence the 1 MiB.
 GW_TRANSPOSED_MAX_BYTES = 1 * 2**20
 GW_TRANSPOSED_MIN_COLUMNS = 1024
+#: Where the core's unpacked kernel takes the product (float32, Q at least
+#: ``_blas_core.KERNEL_MIN_COLUMNS``), it is always summed transposed, as
+#: ``cols @ dY^T`` (the kernel's form: B's rows contiguous), with a buffer of up
+#: to GW_KERNEL_MAX_BYTES: GEMMs alone, 1 thread, M 2048 N 256 K 512 101 -> 112
+#: GFLOP/s (OpenBLAS's ``dY cols^T`` -> the kernel's).
+GW_KERNEL_MAX_BYTES = 4 * 2**20
 
 #: A regular convolution's sample-minor tiles skip the products of taps that
 #: fall on padding (``_blas_core.Bands``: the column buffer kernel-row-major,
@@ -427,9 +433,13 @@ def gather_streams(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> boo
 def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:
     """Whether ``gw (Q, P*K) = dY cols^T``, summed over N * grid cells, is summed as
     its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""
-    p_taps = p * math.prod(geom.kernel)
-    return (q <= p_taps and n * math.prod(geom.grid) >= GW_TRANSPOSED_MIN_COLUMNS
-            and geom.groups * q * p_taps * itemsize <= GW_TRANSPOSED_MAX_BYTES)
+    p_taps, columns = p * math.prod(geom.kernel), n * math.prod(geom.grid)
+    size = geom.groups * q * p_taps * itemsize
+    if columns < GW_TRANSPOSED_MIN_COLUMNS:
+        return False
+    if itemsize == 4 and _blas_core is not None and _blas_core.unpacked_gemm(p_taps, q, columns):
+        return size <= GW_KERNEL_MAX_BYTES
+    return q <= p_taps and size <= GW_TRANSPOSED_MAX_BYTES
 
 
 @functools.lru_cache(maxsize=512)

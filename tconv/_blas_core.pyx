@@ -159,6 +159,9 @@ cdef extern from "_small_gemm.h" nogil:
     void tconv_sgemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t a_row,
                         Py_ssize_t a_col, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
                         const float* row_init, int accumulate)
+    void tconv_sgemm_nn_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t a_row,
+                             Py_ssize_t a_col, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
+                             const float* row_init, int accumulate)
 
 # Whether the unpacked kernels of ``_small_gemm.h`` are used: the CPU runs them
 # (AVX-512F) and ``TCONV_SMALL_GEMM=0`` did not turn them off (then every GEMM
@@ -174,11 +177,13 @@ def small_gemm_available():
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def small_gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, bint a_transposed,
-               bint accumulate, bint through_blas=False, const float[::1] row_init=None):
+               bint accumulate, bint through_blas=False, const float[::1] row_init=None,
+               bint rows_outer=False):
     """Row-major ``c (=|+=) a @ b`` (``a_transposed``: ``a.T @ b``; ``row_init``: ``c =
-    row_init[:, None] + a @ b``) by the unpacked kernel, or by BLAS (``through_blas``):
-    the twins the tests and the tuning compare. The caller checks the shapes (and
-    ``small_gemm_available()``, for the kernel)."""
+    row_init[:, None] + a @ b``) by the unpacked kernel (its row-blocks-outside driver
+    with ``rows_outer``), or by BLAS (``through_blas``): the twins the tests and the
+    tuning compare. The caller checks the shapes (and ``small_gemm_available()``, for
+    the kernel)."""
     # (rows may be strided: each matrix's leading dimension is its row stride)
     if a.strides[1] != sizeof(float) or b.strides[1] != sizeof(float) or c.strides[1] != sizeof(float):
         raise ValueError("small_gemm: each matrix's rows must be contiguous")
@@ -189,6 +194,9 @@ def small_gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, bint a_t
     with nogil:
         if through_blas:
             blas_gemm_rows(m, n, k, &a[0, 0], lda, a_transposed, &b[0, 0], ldb, init, accumulate, &c[0, 0], ldc)
+        elif rows_outer:
+            tconv_sgemm_nn_rows(m, n, k, &a[0, 0], 1 if a_transposed else lda, lda if a_transposed else 1,
+                                &b[0, 0], ldb, &c[0, 0], ldc, init, accumulate)
         else:
             tconv_sgemm_nn(m, n, k, &a[0, 0], 1 if a_transposed else lda, lda if a_transposed else 1,
                            &b[0, 0], ldb, &c[0, 0], ldc, init, accumulate)
@@ -202,7 +210,7 @@ cdef enum:
     # x K 48-288 and M 48-144 x K 32-64 (A transposed) x1.2-2.7 (M 64 K 48:
     # 83 -> 45 us; M 32 K 144: 163 -> 103; M 144 K 32: 133 -> 95); larger A
     # (M 96-256 x K 64-144) x0.9-1.16; K >= 1024 x0.5-0.84 (B's panel leaves L1);
-    # M 16 K 32 x0.83.
+    # M 16 K 32 x0.83. (Figures from before the full edge blocks below.)
     SMALL_GEMM_MIN_A = 1024
     SMALL_GEMM_MAX_A = 8192
     SMALL_GEMM_MAX_K = 512
@@ -216,6 +224,24 @@ cdef enum:
     STREAM_GEMM_MAX_K = 16
     STREAM_GEMM_MAX_M = 64
     STREAM_GEMM_MIN_N = 16384
+    # ... and every product at least KERNEL_MIN_COLUMNS wide with A of at most
+    # KERNEL_MAX_A elements (4 MiB). Since C's right edge takes full blocks of 16
+    # or 32 columns (before, one masked kernel several times slower per product),
+    # the kernel beats OpenBLAS 0.3.34 on the large products im2col makes too, no
+    # packing; 1 thread, interleaved medians of 7, GFLOP/s OpenBLAS -> kernel:
+    # M 256 N 512 K 2048 (DCGAN 256->128's input gradient) 92 -> 105, M 2048 N 256
+    # K 512 (its weight gradient, as cols @ dY^T) 101 -> 112, M 1024 N 128 K 512
+    # 101 -> 115, M 8 N 1024 K 2048 30 -> 91, M 32 N 1024 K 1024 69 -> 104; N 17
+    # (a tiny product) lost, 54 -> 41. Larger A: M 512 N 512 K 4096 96 -> 101 alone,
+    # but DCGAN 512->256's backward lost 3% at 2 threads (both cores streaming an
+    # 8 MiB A from L3), and its forward's transposed 4096 x 512 A lost 3-12%.
+    # Rows outside (``tconv_sgemm_nn_rows``) where B, K x N, is at most
+    # ROWS_OUTER_MAX_B elements (512 KiB: it stays in L2 while each row block
+    # sweeps it), and A is not transposed: GFLOP/s columns outside -> rows outside,
+    # M 4096 N 512 K 256 96 -> 106, M 256 N 1024 K 64 96 -> 105.
+    KERNEL_MIN_COLUMNS = 32
+    KERNEL_MAX_A = 1 << 20
+    ROWS_OUTER_MAX_B = 1 << 17
 
 
 cdef inline bint streams(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
@@ -223,10 +249,19 @@ cdef inline bint streams(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogi
     return small_gemm_ready and k <= STREAM_GEMM_MAX_K and m <= STREAM_GEMM_MAX_M and n >= STREAM_GEMM_MIN_N
 
 
-cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_transposed) noexcept nogil:
     """Whether ``gemm_rows`` runs a float32 product by the unpacked kernel."""
-    return (small_gemm_ready and k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A
-            or streams(m, n, k))
+    if not small_gemm_ready:
+        return False
+    if streams(m, n, k) or k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A:
+        return True
+    return n >= KERNEL_MIN_COLUMNS and m * k <= KERNEL_MAX_A
+
+
+def unpacked_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_transposed=False):
+    """Whether ``gemm_rows`` runs a float32 product C (m x n) = A (m x k) B (k x n) by the
+    unpacked kernel (``KERNEL_MIN_COLUMNS``) rather than BLAS."""
+    return bool(unpacked_wins(m, n, k, a_transposed))
 
 
 def streams_unpacked(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k):
@@ -243,10 +278,14 @@ cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float
     when given (a bias), or ``+=`` with ``accumulate`` (not both); ``A`` is row-major
     with row stride ``lda``, or (``a_transposed``) the transpose of a row-major (k x m)
     matrix with row stride ``lda``. The unpacked kernel where it wins
-    (``SMALL_GEMM_MAX_A``, ``STREAM_GEMM_MAX_K``), else BLAS."""
-    if floating is float and unpacked_wins(m, n, k):
-        tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
-                       <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
+    (``KERNEL_MIN_COLUMNS``, ``SMALL_GEMM_MAX_A``, ``STREAM_GEMM_MAX_K``), else BLAS."""
+    if floating is float and unpacked_wins(m, n, k, a_transposed):
+        if not a_transposed and k * n <= ROWS_OUTER_MAX_B:
+            tconv_sgemm_nn_rows(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
+                                <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
+        else:
+            tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
+                           <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
     else:
         blas_gemm_rows(m, n, k, a, lda, a_transposed, b, ldb, row_init, accumulate, c, ldc)
 
@@ -386,22 +425,17 @@ cdef void to_kernel_rows_outer(const floating* src, Py_ssize_t Q, Py_ssize_t P, 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void from_kernel_rows_outer(const floating* src, Py_ssize_t Q, Py_ssize_t P, const Geom* g,
-                                 bint transposed, floating* dst, floating* row_buffer) noexcept nogil:
-    """``dst[q, p * K + k]`` = element ``(q, column_row(p, k))`` of ``src``, a (Q x P*K)
-    row-major matrix, or (``transposed``) its (P*K x Q) transpose. ``src`` may be
-    ``dst`` (not transposed): each row goes through ``row_buffer`` (P*K elements)."""
-    cdef Py_ssize_t q, p, o, kw, r, Kw = g.kernel[2], Ko = g.taps // g.kernel[2], PK = P * g.taps
-    cdef const floating* row
+cdef void from_kernel_rows_outer(floating* gw, Py_ssize_t Q, Py_ssize_t P, const Geom* g,
+                                 floating* row_buffer) noexcept nogil:
+    """In place, ``gw[q, p * K + k]`` = element ``(q, column_row(p, k))`` of ``gw`` (a
+    (Q x P*K) row-major matrix): each row goes through ``row_buffer`` (P*K elements)."""
+    cdef Py_ssize_t q, p, o, kw, Kw = g.kernel[2], Ko = g.taps // g.kernel[2], PK = P * g.taps
     for q in range(Q):
-        if not transposed:
-            memcpy(row_buffer, src + q * PK, PK * sizeof(floating))
-            row = row_buffer
+        memcpy(row_buffer, gw + q * PK, PK * sizeof(floating))
         for p in range(P):
             for o in range(Ko):
                 for kw in range(Kw):
-                    r = (o * P + p) * Kw + kw
-                    dst[q * PK + (p * Ko + o) * Kw + kw] = src[r * Q + q] if transposed else row[r]
+                    gw[q * PK + (p * Ko + o) * Kw + kw] = row_buffer[(o * P + p) * Kw + kw]
 
 
 cdef inline void fill_channels(floating* out, Py_ssize_t channels, Py_ssize_t cells,
@@ -1448,19 +1482,43 @@ cdef void gather_from_columns(const Geom* g, const floating* cols, Py_ssize_t ld
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef void pack_transposed(const floating* src, Py_ssize_t stride_n, Py_ssize_t rows, Py_ssize_t row_stride,
+                          floating* dst, const Tile* t, bint interleaved) noexcept nogil:
+    """``dst`` (T x rows, row-major) = the tile's (rows x T) operand transposed, its
+    columns in the tile's order: ``s * lt + j``, or sample-minor ``l * nt + s``."""
+    cdef Py_ssize_t s
+    for s in range(t.nt):
+        if interleaved:
+            transpose_block(src + (t.n0 + s) * stride_n, row_stride, rows, t.lt, dst + s * rows, t.nt * rows)
+        else:
+            transpose_block(src + (t.n0 + s) * stride_n + t.l0, row_stride, rows, t.lt, dst + s * t.lt * rows,
+                            rows)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const floating* dy_g,
                                    Py_ssize_t c_grid, Py_ssize_t PK, Py_ssize_t Q, const Tile* t,
                                    bint folded, bint interleaved, floating* packed,
                                    floating* gw_g, bint transposed, const Bands* bands=NULL) noexcept nogil:
     """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``; ``dy_g`` is the group's first
     grid channel of sample 0, packed into ``packed`` in the columns' order where folded.
-    ``transposed``: ``gw_g`` is the transpose, (P*K, Q) row-major. With ``bands``
-    (sample-minor tiles; ``cols`` and ``gw_g`` kernel-row-major) one GEMM per band."""
+    ``transposed``: ``gw_g`` is the transpose, (P*K, Q) row-major, summed as
+    ``cols @ dY_tile^T`` (``dY_tile`` packed transposed: ``gemm_rows``, the unpacked
+    kernel's form). With ``bands`` (sample-minor tiles; ``cols`` and ``gw_g``
+    kernel-row-major) one GEMM per band."""
     cdef Py_ssize_t L = g.grid_cells
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
     cdef floating one = 1
     cdef Py_ssize_t b, c0, c1, k0, k1
+    if transposed:
+        pack_transposed(dy_g, c_grid * L, Q, L, packed, t, interleaved)
+        for b in range(bands.n if bands != NULL else 1):
+            tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
+            gemm_rows(k1 - k0, Q, c1 - c0, cols + k0 * t.cols + c0, t.cols, False, packed + c0 * Q, Q, NULL,
+                      True, gw_g + k0 * Q, Q)
+        return
     if interleaved:
         pack_interleaved(dy_g, c_grid * L, Q, L, packed, t.cols, t)
         operand, ld_operand = packed, t.cols
@@ -1471,29 +1529,28 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
         operand, ld_operand = dy_g + t.n0 * c_grid * L + t.l0, L
     # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); dY_tile (Q x T,
     # row stride ld_operand) is col-major (T x Q); both enter transposed. C = gw_g^T,
-    # col-major (P*K x Q); or, transposed, C = gw_g col-major (Q x P*K). A block of
-    # rows k0..k1 and columns c0..c1 (``tile_span``) is the same product on sub-matrices.
+    # col-major (P*K x Q). A block of rows k0..k1 and columns c0..c1 (``tile_span``)
+    # is the same product on sub-matrices.
     for b in range(bands.n if bands != NULL else 1):
         tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
-        if transposed:
-            gemm(c'T', c'N', Q, k1 - k0, c1 - c0, one, operand + c0, ld_operand, cols + k0 * t.cols + c0, t.cols,
-                 one, gw_g + k0 * Q, Q)
-        else:
-            gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, operand + c0, ld_operand,
-                 one, gw_g + k0, PK)
+        gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, operand + c0, ld_operand,
+             one, gw_g + k0, PK)
 
 
 cdef void finish_weight_grad(const Geom* g, const floating* acc, Py_ssize_t groups, Py_ssize_t P, Py_ssize_t Q,
                              bint transposed, bint kernel_rows_outer, floating* gw,
                              floating* row_buffer) noexcept nogil:
-    """Put a weight gradient summed transposed (apart) or kernel-row-major (apart, or in
-    ``gw`` itself: then through ``row_buffer``, P*K elements) in ``gw``'s order."""
+    """Put a weight gradient summed transposed (in ``acc``, apart) and/or kernel-row-major
+    (in ``gw`` itself unless transposed) in ``gw``'s order: transposed first, then its
+    columns reordered in place, a row at a time through ``row_buffer`` (P*K elements;
+    one pass, where the transpose reordering as it went was a strided scalar copy:
+    7.7% of DCGAN 512->256's backward)."""
     cdef Py_ssize_t gi, size = Q * P * g.taps
+    if transposed:
+        transpose_groups(acc, groups, P * g.taps, Q, gw)
     if kernel_rows_outer:
         for gi in range(groups):
-            from_kernel_rows_outer(acc + gi * size, Q, P, g, transposed, gw + gi * size, row_buffer)
-    elif transposed:
-        transpose_groups(acc, groups, P * g.taps, Q, gw)
+            from_kernel_rows_outer(gw + gi * size, Q, P, g, row_buffer)
 
 
 cdef void transpose_groups(const floating* src, Py_ssize_t groups, Py_ssize_t rows, Py_ssize_t cols,
@@ -1607,7 +1664,7 @@ def weight_grad(const floating[:, :, :, :, ::1] image_in, const floating[:, :, :
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef Py_ssize_t packed_size = Q * cols_per_tile + image_tile_size if folded else 0
+    cdef Py_ssize_t packed_size = Q * cols_per_tile + image_tile_size if folded or transposed else 0
     cdef Py_ssize_t gw_size = groups * Q * P * K
     cdef floating* acc
     cdef Bands bands
@@ -1668,7 +1725,7 @@ def gather_and_weight_grad(const floating[:, :, :, :, ::1] image_in, const float
     cdef Py_ssize_t n_rows
     cdef bint folded = samples_per_tile > 1
     cdef Py_ssize_t image_tile_size = P * g.image_cells * samples_per_tile if interleaved else 0
-    cdef Py_ssize_t packed_size = 2 * Q * cols_per_tile + image_tile_size if folded else 0
+    cdef Py_ssize_t packed_size = 2 * Q * cols_per_tile + image_tile_size if folded or transposed else 0
     cdef Py_ssize_t gw_size = groups * Q * P * K
     cdef floating* acc
     cdef Bands bands

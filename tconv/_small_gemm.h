@@ -13,7 +13,13 @@
  * zeroing C for beta 0). This kernel reads the operands where they are and
  * keeps an 8 x 48 block of C in 24 AVX-512 registers, broadcasting A and
  * loading rows of B. (A dot-product kernel for A B^T, the weight gradient's
- * shape, ran at 0.36-0.73x OpenBLAS and was dropped.)
+ * shape, ran at 0.36-0.73x OpenBLAS and was dropped: the weight gradient is
+ * summed transposed instead, cols . dY^T, in this kernel's form.)
+ *
+ * With full blocks at C's edges too (16 or 32 columns), it also beats OpenBLAS
+ * 0.3.34 on im2col's large products, up to an A of 4 MiB (see KERNEL_MAX_A in
+ * _blas_core.pyx): an 8 x 48 block runs at ~117 GFLOP/s on one core here, and
+ * reading the operands where they are saves the 10% OpenBLAS spends packing.
  *
  * AVX-512F only, checked at run time (tconv_small_gemm_ready); elsewhere the
  * callers keep using BLAS, and tconv_sgemm_nn is never called.
@@ -39,96 +45,119 @@ static inline TCONV_AVX512 __mmask16 tconv_mask(ptrdiff_t left)
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
 }
 
-/* A full 8 x 48 block of C: its 24 registers are written straight from the loop. */
-static inline TCONV_AVX512 void tconv_nn_full(ptrdiff_t k, const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
-                                              const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                              const float* row_init, int accumulate)
+/* One block of C, mr <= 8 rows by nv <= 3 vectors of 16 columns (up to 24 of the 32
+   AVX-512 registers), held in registers through the whole k loop and written once;
+   with ``masked``, the last vector's columns are those of ``last`` (a block at C's
+   right edge). Always inlined with constant mr, nv and masked, so that each shape is
+   its own fully unrolled loop with its accumulators in registers. */
+static inline __attribute__((always_inline)) TCONV_AVX512 void
+tconv_nn_block(const int mr, const int nv, const int masked, __mmask16 last, ptrdiff_t k,
+               const float* a, ptrdiff_t a_row, ptrdiff_t a_col, const float* b, ptrdiff_t ldb,
+               float* c, ptrdiff_t ldc, const float* row_init, int accumulate)
 {
-    __m512 acc[8][3];
+    __m512 acc[8][3], bv[3];
     int i, v;
     ptrdiff_t p;
 #pragma GCC unroll 8
-    for (i = 0; i < 8; i++)
+    for (i = 0; i < mr; i++)
 #pragma GCC unroll 3
-        for (v = 0; v < 3; v++)
+        for (v = 0; v < nv; v++)
             acc[i][v] = row_init ? _mm512_set1_ps(row_init[i]) : _mm512_setzero_ps();
     for (p = 0; p < k; p++) {
         const float* row = b + p * ldb;
-        __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16), b2 = _mm512_loadu_ps(row + 32);
+#pragma GCC unroll 3
+        for (v = 0; v < nv; v++)
+            bv[v] = masked && v == nv - 1 ? _mm512_maskz_loadu_ps(last, row + 16 * v) : _mm512_loadu_ps(row + 16 * v);
 #pragma GCC unroll 8
-        for (i = 0; i < 8; i++) {
+        for (i = 0; i < mr; i++) {
             __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
-            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-            acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+#pragma GCC unroll 3
+            for (v = 0; v < nv; v++)
+                acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
         }
     }
 #pragma GCC unroll 8
-    for (i = 0; i < 8; i++)
+    for (i = 0; i < mr; i++)
 #pragma GCC unroll 3
-        for (v = 0; v < 3; v++) {
+        for (v = 0; v < nv; v++) {
             float* out = c + i * ldc + 16 * v;
-            _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(out)) : acc[i][v]);
-        }
-}
-
-/* A block at C's edges, of mr <= 8 rows and nr <= 48 columns, one of them short
-   (masked loads and stores). */
-static inline TCONV_AVX512 void tconv_nn_edge(ptrdiff_t mr, ptrdiff_t nr, ptrdiff_t k,
-                                              const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
-                                              const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                              const float* row_init, int accumulate)
-{
-    __m512 acc[8][3];
-    __mmask16 mask[3];
-    int i, v;
-    ptrdiff_t p;
-    for (v = 0; v < 3; v++)
-        mask[v] = tconv_mask(nr - 16 * v);
-    for (i = 0; i < 8; i++)
-        for (v = 0; v < 3; v++)
-            acc[i][v] = row_init && i < mr ? _mm512_set1_ps(row_init[i]) : _mm512_setzero_ps();
-    for (p = 0; p < k; p++) {
-        const float* row = b + p * ldb;
-        __m512 b0 = _mm512_maskz_loadu_ps(mask[0], row), b1 = _mm512_maskz_loadu_ps(mask[1], row + 16),
-               b2 = _mm512_maskz_loadu_ps(mask[2], row + 32);
-#pragma GCC unroll 8
-        for (i = 0; i < 8; i++) {
-            if (i < mr) {
-                __m512 ai = _mm512_set1_ps(a[i * a_row + p * a_col]);
-                acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-                acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+            if (masked && v == nv - 1) {
+                __m512 r = accumulate ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(last, out)) : acc[i][v];
+                _mm512_mask_storeu_ps(out, last, r);
+            } else {
+                _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(out)) : acc[i][v]);
             }
         }
-    }
-    for (i = 0; i < mr; i++) {
-        float* out = c + i * ldc;
-        for (v = 0; v < 3; v++) {
-            __m512 r = acc[i][v];
-            if (accumulate)
-                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[v], out + 16 * v));
-            _mm512_mask_storeu_ps(out + 16 * v, mask[v], r);
-        }
-    }
 }
 
+typedef void tconv_nn_fn(__mmask16 last, ptrdiff_t k, const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
+                         const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc, const float* row_init,
+                         int accumulate);
+
+#define TCONV_NN_BLOCK(mr, nv, masked)                                                                    \
+    static TCONV_AVX512 void tconv_nn_##mr##x##nv##_##masked(                                             \
+        __mmask16 last, ptrdiff_t k, const float* a, ptrdiff_t a_row, ptrdiff_t a_col, const float* b,    \
+        ptrdiff_t ldb, float* c, ptrdiff_t ldc, const float* row_init, int accumulate)                    \
+    {                                                                                                     \
+        tconv_nn_block(mr, nv, masked, last, k, a, a_row, a_col, b, ldb, c, ldc, row_init, accumulate);   \
+    }
+#define TCONV_NN_ROWS(mr) TCONV_NN_BLOCK(mr, 1, 1) TCONV_NN_BLOCK(mr, 2, 1) TCONV_NN_BLOCK(mr, 3, 1)
+TCONV_NN_BLOCK(8, 1, 0) TCONV_NN_BLOCK(8, 2, 0) TCONV_NN_BLOCK(8, 3, 0)
+TCONV_NN_ROWS(1) TCONV_NN_ROWS(2) TCONV_NN_ROWS(3) TCONV_NN_ROWS(4)
+TCONV_NN_ROWS(5) TCONV_NN_ROWS(6) TCONV_NN_ROWS(7) TCONV_NN_ROWS(8)
+
+/* The full blocks of 16, 32, 48 columns; and the edge blocks, by [rows - 1][vectors - 1]. */
+static tconv_nn_fn* const tconv_nn_full[3] = {tconv_nn_8x1_0, tconv_nn_8x2_0, tconv_nn_8x3_0};
+#define TCONV_NN_EDGE_ROW(mr) {tconv_nn_##mr##x1_1, tconv_nn_##mr##x2_1, tconv_nn_##mr##x3_1}
+static tconv_nn_fn* const tconv_nn_edge[8][3] = {
+    TCONV_NN_EDGE_ROW(1), TCONV_NN_EDGE_ROW(2), TCONV_NN_EDGE_ROW(3), TCONV_NN_EDGE_ROW(4),
+    TCONV_NN_EDGE_ROW(5), TCONV_NN_EDGE_ROW(6), TCONV_NN_EDGE_ROW(7), TCONV_NN_EDGE_ROW(8)};
+
+/* Row block (mr <= 8 rows) of C across columns [j, n): blocks of 48 columns, then
+   what is left (under 48) in one block of 1-3 vectors, the last one masked if short. */
+static inline TCONV_AVX512 void tconv_nn_row_block(ptrdiff_t mr, ptrdiff_t j, ptrdiff_t n, ptrdiff_t k,
+                                                   const float* a, ptrdiff_t a_row, ptrdiff_t a_col,
+                                                   const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                                   const float* row_init, int accumulate)
+{
+    ptrdiff_t left;
+    for (; n - j >= 48; j += 48)
+        (mr == 8 ? tconv_nn_full[2] : tconv_nn_edge[mr - 1][2])(
+            0xFFFF, k, a, a_row, a_col, b + j, ldb, c + j, ldc, row_init, accumulate);
+    left = n - j;
+    if (left <= 0)
+        return;
+    if (mr == 8 && left % 16 == 0)
+        tconv_nn_full[left / 16 - 1](0xFFFF, k, a, a_row, a_col, b + j, ldb, c + j, ldc, row_init, accumulate);
+    else
+        tconv_nn_edge[mr - 1][(left - 1) / 16](tconv_mask(left - 16 * ((left - 1) / 16)), k, a, a_row, a_col,
+                                                b + j, ldb, c + j, ldc, row_init, accumulate);
+}
+
+/* Columns outside: a K x 48 panel of B stays in L1 while every row block reads it
+   (a small A, read whole for each panel). */
 static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                                         ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
                                         const float* row_init, int accumulate)
 {
     ptrdiff_t i, j;
-    /* column blocks outside: a K x 48 panel of B stays in L1 while every row block reads it */
     for (j = 0; j < n; j += 48)
-        for (i = 0; i < m; i += 8) {
-            if (m - i >= 8 && n - j >= 48)
-                tconv_nn_full(k, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc,
-                              row_init ? row_init + i : 0, accumulate);
-            else
-                tconv_nn_edge(m - i < 8 ? m - i : 8, n - j < 48 ? n - j : 48, k,
-                              a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc,
-                              row_init ? row_init + i : 0, accumulate);
-        }
+        for (i = 0; i < m; i += 8)
+            tconv_nn_row_block(m - i < 8 ? m - i : 8, j, n - j < 48 ? n : j + 48, k, a + i * a_row, a_row,
+                               a_col, b, ldb, c + i * ldc, ldc, row_init ? row_init + i : 0, accumulate);
+}
+
+/* Rows outside: an 8 x K panel of A stays in L1/L2 while the row block sweeps all of
+   B, which streams from L3 (the large products im2col makes: A a weight of 256 x 2048,
+   B a 2048 x 512 column buffer). */
+static TCONV_AVX512 void tconv_sgemm_nn_rows(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a,
+                                             ptrdiff_t a_row, ptrdiff_t a_col, const float* b, ptrdiff_t ldb,
+                                             float* c, ptrdiff_t ldc, const float* row_init, int accumulate)
+{
+    ptrdiff_t i;
+    for (i = 0; i < m; i += 8)
+        tconv_nn_row_block(m - i < 8 ? m - i : 8, 0, n, k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc,
+                           ldc, row_init ? row_init + i : 0, accumulate);
 }
 
 #else  /* not GCC/Clang on x86-64: BLAS only */
@@ -137,6 +166,9 @@ static int tconv_small_gemm_ready(void) { return 0; }
 static void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                            ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
                            const float* row_init, int accumulate) {}
+static void tconv_sgemm_nn_rows(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
+                                ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                const float* row_init, int accumulate) {}
 
 #endif
 #endif

@@ -588,3 +588,32 @@ def test_border_bands_are_the_kernel_rows_each_grid_row_meets(grid, kernel, stri
 
 def test_three_d_kernels_are_not_banded():
     assert blas_backend._blas_core.border_bands((4, 8, 8), (2, 4, 4), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)) == []
+
+
+@pytest.mark.parametrize("path", sorted(set(PATHS) - {"channel_blocks_interleaved"}))
+def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, assert_close):
+    """A float32 weight gradient at least ``KERNEL_MIN_COLUMNS`` wide (the transposed
+    convolution's 40 input channels), over a long reduction (8 samples of 12x12), is
+    summed transposed as ``cols @ dY^T`` by the unpacked kernel (blocks of 32 columns
+    and a masked edge of 8), on every tiling: the numpy backend's result, and the
+    pair's bits those of the weight gradient alone."""
+    if not blas_backend._blas_core.small_gemm_available():
+        pytest.skip("the unpacked kernel needs AVX-512F")
+    for name, value in PATHS[path][0].items():
+        monkeypatch.setattr(blas_backend, name, value)
+    n, c_in, c_out, size = 8, 40, 6, 12
+    geom = Geometry(image=(1, 2 * size, 2 * size), grid=(1, size, size), kernel=(1, 4, 4), stride=(1, 2, 2),
+                    dilation=(1, 1, 1), pad_begin=(0, 1, 1), groups=1)
+    assert blas_backend.weight_grad_transposed(geom, n, c_out, c_in, 4)
+    assert blas_backend._blas_core.unpacked_gemm(c_out * 16, c_in, n * size * size)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, c_in, size, size)).astype(np.float32)
+    w = rng.standard_normal((c_in, c_out, 4, 4)).astype(np.float32)
+    dy = rng.standard_normal((n, c_out, 2 * size, 2 * size)).astype(np.float32)
+    kw = dict(stride=2, padding=1)
+    alone = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("weight",), backend="blas")[1]
+    pair = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("input", "weight"), backend="blas")
+    expected = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("input", "weight"), backend="numpy")
+    assert np.array_equal(pair[1], alone)
+    assert_close(pair[0], expected[0])
+    assert_close(pair[1], expected[1])

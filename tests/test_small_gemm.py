@@ -22,8 +22,8 @@ def _strided(rng, rows: int, cols: int, pad: int) -> tuple[np.ndarray, np.ndarra
 
 @given(m=st.integers(1, 40), n=st.integers(1, 110), k=st.integers(1, 70), pad=st.integers(0, 5),
        a_transposed=st.booleans(), start=st.sampled_from(["zero", "accumulate", "bias"]),
-       through_blas=st.booleans(), seed=st.integers(0, 2**16))
-def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, through_blas, seed):
+       through_blas=st.booleans(), rows_outer=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, through_blas, rows_outer, seed):
     if not through_blas and not _blas_core.small_gemm_available():
         pytest.skip("the unpacked kernel needs AVX-512F")
     rng = np.random.default_rng(seed)
@@ -36,7 +36,7 @@ def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, throu
     start_value = {"zero": 0.0, "accumulate": before[:, :n], "bias": bias[:, None]}[start]
     expected = product + start_value
     _blas_core.small_gemm(a, b, c, a_transposed, start == "accumulate", through_blas,
-                          bias if start == "bias" else None)
+                          bias if start == "bias" else None, rows_outer)
     # float32 sums of k products: error within a few ulps of the sum of magnitudes
     bound = 1e-6 * (k + 1) * ((np.abs(a.T if a_transposed else a) @ np.abs(b)) + np.abs(start_value))
     assert np.all(np.abs(c - expected) <= bound + 1e-30)
