@@ -437,7 +437,8 @@ def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int
     size = geom.groups * q * p_taps * itemsize
     if columns < GW_TRANSPOSED_MIN_COLUMNS:
         return False
-    if itemsize == 4 and _blas_core is not None and _blas_core.unpacked_gemm(p_taps, q, columns):
+    tile_columns = weight_grad_plan(geom, n, p, q, itemsize).cols_per_tile  # (the GEMMs' reduction)
+    if itemsize == 4 and _blas_core is not None and _blas_core.unpacked_gemm(p_taps, q, tile_columns):
         return size <= GW_KERNEL_MAX_BYTES
     return q <= p_taps and size <= GW_TRANSPOSED_MAX_BYTES
 

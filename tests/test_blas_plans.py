@@ -605,7 +605,8 @@ def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, asser
     geom = Geometry(image=(1, 2 * size, 2 * size), grid=(1, size, size), kernel=(1, 4, 4), stride=(1, 2, 2),
                     dilation=(1, 1, 1), pad_begin=(0, 1, 1), groups=1)
     assert blas_backend.weight_grad_transposed(geom, n, c_out, c_in, 4)
-    assert blas_backend._blas_core.unpacked_gemm(c_out * 16, c_in, n * size * size)
+    tile = blas_backend.weight_grad_plan(geom, n, c_out, c_in, 4).cols_per_tile
+    assert blas_backend._blas_core.unpacked_gemm(c_out * 16, c_in, tile)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((n, c_in, size, size)).astype(np.float32)
     w = rng.standard_normal((c_in, c_out, 4, 4)).astype(np.float32)
