@@ -1,4 +1,5 @@
-"""The ``blas`` backend: the compiled core (Cython im2col/col2im + BLAS GEMM).
+"""The ``blas`` backend: the compiled core (Cython im2col/col2im + GEMMs: the core's
+unpacked AVX-512 kernel for most float32 products, BLAS for the rest).
 
 This module plans; ``_blas_core`` computes. The plan splits a call into
 tiles whose work buffers fit ``WORKSPACE_BYTES`` whatever the batch size:
@@ -488,7 +489,8 @@ class BlasBackend(Backend):
     """
 
     name = "blas"
-    description = "compiled core: Cython im2col/col2im + BLAS GEMM (scipy-openblas32, else SciPy's cython_blas)"
+    description = ("compiled core: Cython im2col/col2im + GEMMs (an AVX-512 kernel for most float32 "
+                   "products; BLAS: scipy-openblas32, else SciPy's cython_blas)")
     default_priority = 10
 
     def __init__(self, blas_threads: int | None = None) -> None:

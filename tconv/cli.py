@@ -217,8 +217,11 @@ def _core_blas() -> dict | None:
     choice = _blas_library.chosen()
     if choice is None:
         return None
+    from . import _blas_core
+
     return {"name": choice.name, "path": choice.path, "reason": choice.reason,
-            "TCONV_BLAS": os.environ.get("TCONV_BLAS") or None}
+            "TCONV_BLAS": os.environ.get("TCONV_BLAS") or None,
+            "unpacked_kernel": _blas_core.small_gemm_available()}
 
 
 def _blas_user(path: str) -> str:
@@ -275,6 +278,9 @@ def _print_info(report: dict, out) -> None:
     if core:
         p(f"  the core calls {core['name']}'s GEMM" + (f" ({core['reason']})" if core["reason"] else "")
           + "; TCONV_BLAS=scipy or scipy-openblas32 chooses")
+        p("  and its own AVX-512 kernel for most float32 GEMMs (TCONV_SMALL_GEMM=0 turns it off)"
+          if core["unpacked_kernel"] else
+          "  (its own AVX-512 kernel is off: no AVX-512F, or TCONV_SMALL_GEMM=0; every GEMM is BLAS's)")
     if not report["blas"]:
         p("  none found by threadpoolctl")
     for lib in report["blas"]:

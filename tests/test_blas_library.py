@@ -137,3 +137,18 @@ def test_asking_for_a_missing_scipy_openblas32_is_an_error(monkeypatch):
         _blas_library.requested()
     monkeypatch.setenv("TCONV_BLAS", "Auto")
     assert _blas_library.requested() == "auto"
+
+
+@pytest.mark.parametrize("small_gemm", ["1", "0"])
+def test_info_says_whether_the_unpacked_kernel_runs(small_gemm):
+    """``TCONV_SMALL_GEMM=0`` (read when the core loads) leaves every GEMM to BLAS, and
+    ``info`` says so; otherwise it says the kernel runs exactly where the CPU has AVX-512F."""
+    env = {**os.environ, "TCONV_SMALL_GEMM": small_gemm}
+    done = subprocess.run([sys.executable, "-m", "tconv", "info", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = small_gemm == "1" and _blas_core.small_gemm_available()
+    assert json.loads(done.stdout)["core_blas"]["unpacked_kernel"] is expected
+    text = subprocess.run([sys.executable, "-m", "tconv", "info"], env=env, capture_output=True, text=True,
+                          timeout=120).stdout
+    assert ("its own AVX-512 kernel for most float32 GEMMs" in text) is expected
