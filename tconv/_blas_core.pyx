@@ -224,17 +224,19 @@ cdef enum:
     STREAM_GEMM_MAX_K = 16
     STREAM_GEMM_MAX_M = 64
     STREAM_GEMM_MIN_N = 16384
-    # ... and every product at least KERNEL_MIN_COLUMNS wide with A of at most
-    # KERNEL_MAX_A elements (4 MiB). Since C's right edge takes full blocks of 16
-    # or 32 columns (before, one masked kernel several times slower per product),
+    # ... and every product at least KERNEL_MIN_COLUMNS wide, its A (if transposed)
+    # of at most KERNEL_MAX_A elements (4 MiB). Since C's right edge takes full
+    # blocks of 16 or 32 columns (before, one masked kernel several times slower),
     # the kernel beats OpenBLAS 0.3.34 on the large products im2col makes too, no
     # packing; 1 thread, interleaved medians of 7, GFLOP/s OpenBLAS -> kernel:
     # M 256 N 512 K 2048 (DCGAN 256->128's input gradient) 92 -> 105, M 2048 N 256
     # K 512 (its weight gradient, as cols @ dY^T) 101 -> 112, M 1024 N 128 K 512
     # 101 -> 115, M 8 N 1024 K 2048 30 -> 91, M 32 N 1024 K 1024 69 -> 104; N 17
-    # (a tiny product) lost, 54 -> 41. Larger A: M 512 N 512 K 4096 96 -> 101 alone,
-    # but DCGAN 512->256's backward lost 3% at 2 threads (both cores streaming an
-    # 8 MiB A from L3), and its forward's transposed 4096 x 512 A lost 3-12%.
+    # (a tiny product) lost, 54 -> 41. A larger A is taken in chunks of K that stay
+    # in L2 (``_small_gemm.h``: read whole, an 8 MiB A streamed from L3 once a
+    # panel, and DCGAN 512->256's backward lost 3% at 2 threads; in chunks, A/B
+    # OpenBLAS -> kernel 1 thread 85.0 -> 85.3 ms, 2 threads 44.8 -> 43.4), but
+    # not a transposed one: that forward's 4096 x 512 A lost 11% (49.9 -> 56.1).
     # Rows outside (``tconv_sgemm_nn_rows``) where B, K x N, is at most
     # ROWS_OUTER_MAX_B elements (512 KiB: it stays in L2 while each row block
     # sweeps it), and A is not transposed: GFLOP/s columns outside -> rows outside,
@@ -255,7 +257,7 @@ cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_
         return False
     if streams(m, n, k) or k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A:
         return True
-    return n >= KERNEL_MIN_COLUMNS and m * k <= KERNEL_MAX_A
+    return n >= KERNEL_MIN_COLUMNS and (m * k <= KERNEL_MAX_A or not a_transposed)
 
 
 def unpacked_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_transposed=False):

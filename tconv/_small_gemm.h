@@ -17,8 +17,8 @@
  * summed transposed instead, cols . dY^T, in this kernel's form.)
  *
  * With full blocks at C's edges too (16 or 32 columns), it also beats OpenBLAS
- * 0.3.34 on im2col's large products, up to an A of 4 MiB (see KERNEL_MAX_A in
- * _blas_core.pyx): an 8 x 48 block runs at ~117 GFLOP/s on one core here, and
+ * 0.3.34 on im2col's large products (see KERNEL_MIN_COLUMNS in _blas_core.pyx;
+ * a large A in chunks of K): an 8 x 48 block runs at ~117 GFLOP/s on one core, and
  * reading the operands where they are saves the 10% OpenBLAS spends packing.
  *
  * AVX-512F only, checked at run time (tconv_small_gemm_ready); elsewhere the
@@ -142,16 +142,29 @@ static inline TCONV_AVX512 void tconv_nn_row_block(ptrdiff_t mr, ptrdiff_t j, pt
 }
 
 /* Columns outside: a K x 48 panel of B stays in L1 while every row block reads it
-   (a small A, read whole for each panel). */
+   (A read whole for each panel). An A of more than TCONV_A_WHOLE elements is taken
+   in chunks of its columns (K) of about TCONV_A_CHUNK elements, each chunk's product
+   added into C: a chunk stays in L2 while the panels read it, where the whole A
+   would stream from L3 once a panel (and from both cores' share of it, at two). */
+#define TCONV_A_WHOLE (1 << 20)
+#define TCONV_A_CHUNK (1 << 18)
 static TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                                         ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
                                         const float* row_init, int accumulate)
 {
-    ptrdiff_t i, j;
-    for (j = 0; j < n; j += 48)
-        for (i = 0; i < m; i += 8)
-            tconv_nn_row_block(m - i < 8 ? m - i : 8, j, n - j < 48 ? n : j + 48, k, a + i * a_row, a_row,
-                               a_col, b, ldb, c + i * ldc, ldc, row_init ? row_init + i : 0, accumulate);
+    ptrdiff_t i, j, p, kc = k, kp;
+    if (m * k > TCONV_A_WHOLE) {
+        kc = TCONV_A_CHUNK / m;
+        kc = kc < 64 ? 64 : kc;
+    }
+    for (p = 0; p < k; p += kc) {
+        kp = k - p < kc ? k - p : kc;
+        for (j = 0; j < n; j += 48)
+            for (i = 0; i < m; i += 8)
+                tconv_nn_row_block(m - i < 8 ? m - i : 8, j, n - j < 48 ? n : j + 48, kp,
+                                   a + i * a_row + p * a_col, a_row, a_col, b + p * ldb, ldb, c + i * ldc, ldc,
+                                   p == 0 && row_init ? row_init + i : 0, p == 0 ? accumulate : 1);
+    }
 }
 
 /* Rows outside: an 8 x K panel of A stays in L1/L2 while the row block sweeps all of

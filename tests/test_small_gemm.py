@@ -43,6 +43,27 @@ def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, throu
     assert np.array_equal(c_parent[:, n:], before[:, n:])  # the rows' padding is left alone
 
 
+@pytest.mark.parametrize("m, n, k", [(520, 40, 2100), (16, 70, 70000), (1100, 33, 1000)])
+@pytest.mark.parametrize("start", ["zero", "accumulate", "bias"])
+def test_a_large_a_is_taken_in_chunks_of_its_columns(m, n, k, start):
+    """Above 2**20 elements A is multiplied a chunk of its columns at a time (each chunk
+    added into C, the first from the bias or C's old value): the same product. Shapes
+    whose chunks do not divide K, and a chunk smaller than 64 columns (raised to 64)."""
+    if not _blas_core.small_gemm_available():
+        pytest.skip("the unpacked kernel needs AVX-512F")
+    assert m * k > 2**20
+    rng = np.random.default_rng(m)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    start_value = {"zero": 0.0, "accumulate": c.astype(np.float64), "bias": bias[:, None]}[start]
+    expected = a.astype(np.float64) @ b.astype(np.float64) + start_value
+    _blas_core.small_gemm(a, b, c, False, start == "accumulate", False, bias if start == "bias" else None)
+    bound = 1e-6 * (k + 1) * (np.abs(a) @ np.abs(b) + np.abs(start_value))
+    assert np.all(np.abs(c - expected) <= bound)
+
+
 # Layers whose GEMMs are in the unpacked kernel's range (float32, A of 1024-8192
 # elements, K <= 512): the backward's input gradient (32 channels x 16*9 taps),
 # DCGAN 64->3's (64 x 3*16), the forward's columns (16*9 x 32, transposed), one cell;
