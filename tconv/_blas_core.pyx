@@ -260,6 +260,21 @@ cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_
     return n >= KERNEL_MIN_COLUMNS and (m * k <= KERNEL_MAX_A or not a_transposed)
 
 
+cdef void sgemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda, int a_transposed,
+                     const float* b, Py_ssize_t ldb, int accumulate, float* c, Py_ssize_t ldc) noexcept nogil:
+    """``gemm_rows`` in float32 without a bias, as a plain C function for a plugin's tasks."""
+    gemm_rows(m, n, k, a, lda, a_transposed, b, ldb, NULL, accumulate, c, ldc)
+
+
+def sgemm_rows_address():
+    """The address of the core's float32 ``gemm_rows`` (C, row-major: ``void (Py_ssize_t m,
+    Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda, int a_transposed, const
+    float* b, Py_ssize_t ldb, int accumulate, float* c, Py_ssize_t ldc)``): a plugin's
+    GEMMs then take the unpacked kernel where the core would, and the core's BLAS
+    elsewhere."""
+    return <size_t>&sgemm_rows
+
+
 def unpacked_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_transposed=False):
     """Whether ``gemm_rows`` runs a float32 product C (m x n) = A (m x k) B (k x n) by the
     unpacked kernel (``KERNEL_MIN_COLUMNS``) rather than BLAS."""

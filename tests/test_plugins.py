@@ -234,7 +234,8 @@ PATHS = ["folded", "folded_unphased", "whole_samples", "folded_interleaved", "fo
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_openmp_every_plan_path_agrees_with_numpy(openmp, monkeypatch, restore_threads, path, ndim,
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # (float32: the tasks' GEMMs through the core's)
+def test_openmp_every_plan_path_agrees_with_numpy(openmp, monkeypatch, restore_threads, path, ndim, dtype,
                                                   assert_close):
     from tconv_openmp import _plan
 
@@ -245,10 +246,11 @@ def test_openmp_every_plan_path_agrees_with_numpy(openmp, monkeypatch, restore_t
     tconv.set_num_threads(2)
     rng = np.random.default_rng(ndim)
     arrays = _case(rng, ndim, n=N, c_in=C_IN, c_out=C_OUT, groups=G, size=SIZE[ndim], kernel=3,
-                   stride=2, dilation=1)
+                   stride=2, dilation=1, dtype=dtype)
     expected = _all_primitives(*arrays, ndim, "numpy")
     got = _all_primitives(*arrays, ndim, "openmp")
     for g, e in zip(got, expected):
+        assert g.dtype == dtype
         assert_close(g, e)
 
 

@@ -119,16 +119,27 @@ ctypedef void sgemm_t(char* transa, char* transb, int* m, int* n, int* k, float*
 ctypedef void dgemm_t(char* transa, char* transb, int* m, int* n, int* k, double* alpha, double* a, int* lda,
                       double* b, int* ldb, double* beta, double* c, int* ldc) noexcept nogil
 
+# The core's float32 GEMM in row-major terms (``tconv._blas_core.sgemm_rows_address``):
+# its AVX-512 kernel where the core would take it, its BLAS elsewhere; NULL until
+# ``use_blas`` hands it over.
+ctypedef void sgemm_rows_t(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda,
+                           int a_transposed, const float* b, Py_ssize_t ldb, int accumulate, float* c,
+                           Py_ssize_t ldc) noexcept nogil
+
 cdef sgemm_t* blas_sgemm = cython_blas.sgemm
 cdef dgemm_t* blas_dgemm = cython_blas.dgemm
+cdef sgemm_rows_t* core_sgemm_rows = NULL
 
 
-def use_blas(size_t sgemm_address, size_t dgemm_address):
+def use_blas(size_t sgemm_address, size_t dgemm_address, size_t sgemm_rows_address=0):
     """Call the ``sgemm_`` and ``dgemm_`` at these addresses (the core's, see
-    ``tconv._blas_core.use_blas``); set once, before any task runs."""
-    global blas_sgemm, blas_dgemm
+    ``tconv._blas_core.use_blas``), and for float32 products with A untransposed the
+    core's ``gemm_rows`` at the third (``sgemm_rows_address``), if given; set once,
+    before any task runs."""
+    global blas_sgemm, blas_dgemm, core_sgemm_rows
     blas_sgemm = <sgemm_t*>sgemm_address
     blas_dgemm = <dgemm_t*>dgemm_address
+    core_sgemm_rows = <sgemm_rows_t*>sgemm_rows_address
 
 
 cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
@@ -138,7 +149,12 @@ cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_s
     cdef int im = <int>m, i_n = <int>n, ik = <int>k
     cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
     cdef floating one = 1
-    if floating is float:
+    if floating is float and core_sgemm_rows != NULL and transa == c'N' and (beta == 0 or beta == 1):
+        # Row-major, the core's terms: C's storage is C^T (n x m) = op(B)^T (n x k) A^T
+        # (k x m); A^T is A's storage read row-major, op(B)^T B's (transposed unless 'T').
+        core_sgemm_rows(n, m, k, <const float*>b, ldb, transb == c'T', <const float*>a, lda, beta == 1,
+                        <float*>c, ldc)
+    elif floating is float:
         blas_sgemm(&transa, &transb, &im, &i_n, &ik, &one, <float*>a, &ilda,
               <float*>b, &ildb, &beta, c, &ildc)
     else:

@@ -83,11 +83,12 @@ _CORE = BlasBackend(blas_threads=1)
 @functools.lru_cache(maxsize=1)
 def _kernels():
     """The compiled module, or ImportError (kept lazy so importing this module never
-    fails), its GEMMs pointed at the core's BLAS (``tconv._blas_library``)."""
+    fails), its GEMMs pointed at the core's (its BLAS, ``tconv._blas_library``, and
+    for float32 its choice of that or its AVX-512 kernel)."""
     from . import _kernels as kernels
 
     if _blas_core is not None:
-        kernels.use_blas(*_blas_core.blas_addresses())
+        kernels.use_blas(*_blas_core.blas_addresses(), _blas_core.sgemm_rows_address())
     return kernels
 
 
