@@ -25,7 +25,8 @@ if os.environ.get("TCONV_SANITIZE") == "address":
 extensions = [
     Extension(
         "tconv._blas_core",
-        ["tconv/_blas_core.pyx"],
+        # the AVX-512 GEMM kernels in a C unit of their own (see tconv/_small_gemm.h)
+        ["tconv/_blas_core.pyx", "tconv/_small_gemm.c"],
         # NumPy's C API (ScatterCall reads arrays through it), tconv/_simd.h, tconv/_small_gemm.h
         include_dirs=[numpy.get_include(), "tconv"],
         depends=["tconv/_simd.h", "tconv/_small_gemm.h"],

@@ -1520,16 +1520,16 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
                                    floating* gw_g, bint transposed, const Bands* bands=NULL) noexcept nogil:
     """``gw_g (Q, P*K) += dY_tile (Q, T) @ cols (P*K, T)^T``; ``dy_g`` is the group's first
     grid channel of sample 0, packed into ``packed`` in the columns' order where folded.
-    ``transposed``: ``gw_g`` is the transpose, (P*K, Q) row-major, summed as
-    ``cols @ dY_tile^T`` (``dY_tile`` packed transposed: ``gemm_rows``, the unpacked
-    kernel's form). With ``bands`` (sample-minor tiles; ``cols`` and ``gw_g``
-    kernel-row-major) one GEMM per band."""
+    ``transposed``: ``gw_g`` is the transpose, (P*K, Q) row-major; where the unpacked
+    kernel takes a float32 tile's product, summed in its form, ``cols @ dY_tile^T``
+    (``dY_tile`` packed transposed; ``gemm_rows``). With ``bands`` (sample-minor
+    tiles; ``cols`` and ``gw_g`` kernel-row-major) one GEMM per band."""
     cdef Py_ssize_t L = g.grid_cells
     cdef const floating* operand
     cdef Py_ssize_t ld_operand
     cdef floating one = 1
     cdef Py_ssize_t b, c0, c1, k0, k1
-    if transposed:
+    if transposed and floating is float and unpacked_wins(PK, Q, t.cols, False):
         pack_transposed(dy_g, c_grid * L, Q, L, packed, t, interleaved)
         for b in range(bands.n if bands != NULL else 1):
             tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
@@ -1546,12 +1546,16 @@ cdef void weight_grad_from_columns(const Geom* g, const floating* cols, const fl
         operand, ld_operand = dy_g + t.n0 * c_grid * L + t.l0, L
     # Column-major: cols (P*K x T, row-major) is col-major (T x P*K); dY_tile (Q x T,
     # row stride ld_operand) is col-major (T x Q); both enter transposed. C = gw_g^T,
-    # col-major (P*K x Q). A block of rows k0..k1 and columns c0..c1 (``tile_span``)
-    # is the same product on sub-matrices.
+    # col-major (P*K x Q); or, transposed, C = gw_g col-major (Q x P*K). A block of
+    # rows k0..k1 and columns c0..c1 (``tile_span``) is the same product on sub-matrices.
     for b in range(bands.n if bands != NULL else 1):
         tile_span(g, bands, b, t, PK, &c0, &c1, &k0, &k1)
-        gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, operand + c0, ld_operand,
-             one, gw_g + k0, PK)
+        if transposed:
+            gemm(c'T', c'N', Q, k1 - k0, c1 - c0, one, operand + c0, ld_operand, cols + k0 * t.cols + c0, t.cols,
+                 one, gw_g + k0 * Q, Q)
+        else:
+            gemm(c'T', c'N', k1 - k0, Q, c1 - c0, one, cols + k0 * t.cols + c0, t.cols, operand + c0, ld_operand,
+                 one, gw_g + k0, PK)
 
 
 cdef void finish_weight_grad(const Geom* g, const floating* acc, Py_ssize_t groups, Py_ssize_t P, Py_ssize_t Q,
