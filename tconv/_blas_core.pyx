@@ -298,8 +298,8 @@ cdef inline void gemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float
     (``KERNEL_MIN_COLUMNS``, ``SMALL_GEMM_MAX_A``, ``STREAM_GEMM_MAX_K``), else BLAS."""
     if floating is float and unpacked_wins(m, n, k, a_transposed):
         if not a_transposed and k * n <= ROWS_OUTER_MAX_B:
-            tconv_sgemm_nn_rows(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
-                                <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)
+            tconv_sgemm_nn_rows(m, n, k, <const float*>a, lda, 1, <const float*>b, ldb, <float*>c, ldc,
+                                <const float*>row_init, accumulate)
         else:
             tconv_sgemm_nn(m, n, k, <const float*>a, 1 if a_transposed else lda, lda if a_transposed else 1,
                            <const float*>b, ldb, <float*>c, ldc, <const float*>row_init, accumulate)

@@ -119,19 +119,19 @@ static inline TCONV_AVX512 void tconv_nn_row_block(ptrdiff_t mr, ptrdiff_t j, pt
 /* Columns outside: a K x 48 panel of B stays in L1 while every row block reads it
    (A read whole for each panel). An A of more than TCONV_A_WHOLE elements is taken
    in chunks of its columns (K) of about TCONV_A_CHUNK elements, each chunk's product
-   added into C: a chunk stays in L2 while the panels read it, where the whole A
-   would stream from L3 once a panel (and from both cores' share of it, at two). */
+   added into C, where that leaves chunks of at least TCONV_A_MIN_CHUNK columns: a
+   chunk stays in L2 while the panels read it, where the whole A would stream from
+   L3 once a panel (and from both cores' share of it, at two). */
 #define TCONV_A_WHOLE (1 << 20)
 #define TCONV_A_CHUNK (1 << 18)
+#define TCONV_A_MIN_CHUNK 256  /* shorter chunks, C passed over once per chunk, lost: M 4096 K 512 in 64s 106 -> 83 GFLOP/s */
 TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
                                         ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
                                         const float* row_init, int accumulate)
 {
     ptrdiff_t i, j, p, kc = k, kp;
-    if (m * k > TCONV_A_WHOLE) {
+    if (m * k > TCONV_A_WHOLE && TCONV_A_CHUNK / m >= TCONV_A_MIN_CHUNK)
         kc = TCONV_A_CHUNK / m;
-        kc = kc < 64 ? 64 : kc;
-    }
     for (p = 0; p < k; p += kc) {
         kp = k - p < kc ? k - p : kc;
         for (j = 0; j < n; j += 48)

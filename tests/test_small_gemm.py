@@ -43,12 +43,13 @@ def test_gemm_matches_a_float64_product(m, n, k, pad, a_transposed, start, throu
     assert np.array_equal(c_parent[:, n:], before[:, n:])  # the rows' padding is left alone
 
 
-@pytest.mark.parametrize("m, n, k", [(520, 40, 2100), (16, 70, 70000), (1100, 33, 1000)])
+@pytest.mark.parametrize("m, n, k", [(520, 40, 2100), (16, 70, 70000), (1000, 33, 1100)])
 @pytest.mark.parametrize("start", ["zero", "accumulate", "bias"])
 def test_a_large_a_is_taken_in_chunks_of_its_columns(m, n, k, start):
     """Above 2**20 elements A is multiplied a chunk of its columns at a time (each chunk
-    added into C, the first from the bias or C's old value): the same product. Shapes
-    whose chunks do not divide K, and a chunk smaller than 64 columns (raised to 64)."""
+    added into C, the first from the bias or C's old value) where chunks of 256 columns
+    or more fit 2**18 elements: the same product. Chunks that do not divide K; M 1000,
+    whose chunks would be 262 columns, just above the bound."""
     if not _blas_core.small_gemm_available():
         pytest.skip("the unpacked kernel needs AVX-512F")
     assert m * k > 2**20
