@@ -176,10 +176,14 @@ _TARGET_LABELS = {
 
 
 def _summary_table(document: dict[str, Any]) -> Table:
+    options = document.get("options", {})
+    subset = ("\n(a subset of the cases: the targets are set over the full suite, `python -m bench`; "
+              "the quick subset is mostly the layers closest to the peers)"
+              if options.get("quick") or options.get("layers") else "")
     table = Table(
         title=(
             "Summary - targets (bind the default backend): geomean x best >= 1, min >= 0.8, "
-            "DCGAN b64 >= 70% of GEMM peak, seed <= 2x torch, extra <= 64 MiB"
+            "DCGAN b64 >= 70% of GEMM peak, seed <= 2x torch, extra <= 64 MiB" + subset
         ),
         title_justify="left",
         header_style="bold",

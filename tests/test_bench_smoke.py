@@ -110,6 +110,12 @@ def test_table_json_and_plot(document, tmp_path):
     text = out.getvalue()
     for header in ("case", "backend", "GFLOP/s", "% peak", "x best", "extra MiB", "Summary", "geomean"):
         assert header in text
+    # (a run of some cases only says that the targets are set over the whole suite)
+    assert "a subset of the cases" in text
+    whole = {**document, "options": {**document["options"], "layers": None, "quick": False}}
+    out = io.StringIO()
+    report.print_report(whole, report.Console(file=out, width=220, color_system=None))
+    assert "a subset of the cases" not in out.getvalue()
     path = tmp_path / "bench.json"
     report.write_json(document, str(path))
     assert json.loads(path.read_text())["results"][0]["case"] == "seed"
