@@ -145,10 +145,13 @@ PHASED_MAX_BYTES = 256 * 2**10
 GW_TRANSPOSED_MAX_BYTES = 1 * 2**20
 GW_TRANSPOSED_MIN_COLUMNS = 1024
 #: Where the core's unpacked kernel takes the product (float32, Q at least
-#: ``_blas_core.KERNEL_MIN_COLUMNS``), it is always summed transposed, as
-#: ``cols @ dY^T`` (the kernel's form: B's rows contiguous), with a buffer of up
-#: to GW_KERNEL_MAX_BYTES: GEMMs alone, 1 thread, M 2048 N 256 K 512 101 -> 112
-#: GFLOP/s (OpenBLAS's ``dY cols^T`` -> the kernel's).
+#: ``_blas_core.KERNEL_MIN_COLUMNS``), it is summed transposed, as ``cols @ dY^T``
+#: (the kernel's form: B's rows contiguous), in a buffer of up to
+#: GW_KERNEL_MAX_BYTES: GEMMs alone, 1 thread, M 2048 N 256 K 512 101 -> 112
+#: GFLOP/s (OpenBLAS's ``dY cols^T`` -> the kernel's); whole backward passes,
+#: interleaved A/B, DCGAN 256->128 87.5 -> 82.2 ms, 128->64 94.4 -> 85.7. With
+#: 512->256's 8 MiB buffer (and its final transpose) that backward lost, 82.3 ->
+#: 85.8 ms at 1 thread and 44.1 -> 46.2 at 2, hence 4 MiB.
 GW_KERNEL_MAX_BYTES = 4 * 2**20
 
 #: A regular convolution's sample-minor tiles skip the products of taps that
@@ -433,7 +436,8 @@ def gather_streams(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> boo
 
 def weight_grad_transposed(geom: Geometry, n: int, p: int, q: int, itemsize: int) -> bool:
     """Whether ``gw (Q, P*K) = dY cols^T``, summed over N * grid cells, is summed as
-    its transpose (``GW_TRANSPOSED_MAX_BYTES``)."""
+    its transpose: in the unpacked kernel's form where that takes the tiles' product
+    (``GW_KERNEL_MAX_BYTES``), else by BLAS (``GW_TRANSPOSED_MAX_BYTES``)."""
     p_taps, columns = p * math.prod(geom.kernel), n * math.prod(geom.grid)
     size = geom.groups * q * p_taps * itemsize
     if columns < GW_TRANSPOSED_MIN_COLUMNS:

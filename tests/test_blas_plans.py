@@ -594,9 +594,9 @@ def test_three_d_kernels_are_not_banded():
 def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, assert_close):
     """A float32 weight gradient at least ``KERNEL_MIN_COLUMNS`` wide (the transposed
     convolution's 40 input channels), over a long reduction (8 samples of 12x12), is
-    summed transposed as ``cols @ dY^T`` by the unpacked kernel (blocks of 32 columns
-    and a masked edge of 8), on every tiling: the numpy backend's result, and the
-    pair's bits those of the weight gradient alone."""
+    summed transposed as ``cols @ dY^T`` by the unpacked kernel (one block of three
+    vectors a row block, the last masked to 8 columns), on every tiling: the numpy
+    backend's result, and the pair's bits those of the weight gradient alone."""
     if not blas_backend._blas_core.small_gemm_available():
         pytest.skip("the unpacked kernel needs AVX-512F")
     for name, value in PATHS[path][0].items():

@@ -150,8 +150,10 @@ cdef inline void gemm(char transa, char transb, Py_ssize_t m, Py_ssize_t n, Py_s
     cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
     cdef floating one = 1
     if floating is float and core_sgemm_rows != NULL and transa == c'N' and (beta == 0 or beta == 1):
-        # Row-major, the core's terms: C's storage is C^T (n x m) = op(B)^T (n x k) A^T
-        # (k x m); A^T is A's storage read row-major, op(B)^T B's (transposed unless 'T').
+        # Row-major, the core's terms: C's storage, read row-major, is C^T (n x m) =
+        # op(B)^T (n x k) A^T (k x m). A^T is A's storage read row-major (k rows of m);
+        # op(B)^T is B's storage read row-major where transb is 'N' (n rows of k), and
+        # the transpose of B's storage read row-major (k rows of n) where it is 'T'.
         core_sgemm_rows(n, m, k, <const float*>b, ldb, transb == c'T', <const float*>a, lda, beta == 1,
                         <float*>c, ldc)
     elif floating is float:
