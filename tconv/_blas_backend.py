@@ -501,7 +501,9 @@ class BlasBackend(Backend):
         self._blas_threads = blas_threads
 
     def _set_blas_threads(self) -> None:
-        _threads.set_blas_threads(self._blas_threads or get_num_threads())
+        threads = self._blas_threads or get_num_threads()
+        _threads.set_blas_threads(threads)
+        _blas_core.set_gemm_threads(threads)  # (the core's kernel is for one thread)
 
     def availability(self) -> tuple[bool, str]:
         return (_blas_core is not None), _IMPORT_ERROR

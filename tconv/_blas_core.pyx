@@ -163,6 +163,30 @@ cdef extern from "_small_gemm.h" nogil:
                              Py_ssize_t a_col, const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
                              const float* row_init, int accumulate)
 
+cdef extern from *:
+    """
+    /* The BLAS threads the calling thread's last call was given (set_gemm_threads):
+       per thread, since several Python threads, and the openmp plugin's pool, run
+       the core side by side at different counts. */
+    #if defined(_MSC_VER)
+    static __declspec(thread) int tconv_gemm_threads_ = 1;
+    #else
+    static _Thread_local int tconv_gemm_threads_ = 1;
+    #endif
+    static int tconv_gemm_threads(void) { return tconv_gemm_threads_; }
+    static void tconv_set_gemm_threads(int n) { tconv_gemm_threads_ = n; }
+    """
+    int tconv_gemm_threads() noexcept nogil
+    void tconv_set_gemm_threads(int n) noexcept nogil
+
+
+def set_gemm_threads(int n):
+    """The BLAS threads this thread's calls are given (the ``blas`` backend says so before
+    each call). Above 1 the large float32 products stay with BLAS, which threads them,
+    instead of the unpacked kernel, which runs on the calling thread alone."""
+    tconv_set_gemm_threads(n)
+
+
 # Whether the unpacked kernels of ``_small_gemm.h`` are used: the CPU runs them
 # (AVX-512F) and ``TCONV_SMALL_GEMM=0`` did not turn them off (then every GEMM
 # is BLAS's). Read once, when the module loads.
@@ -224,9 +248,13 @@ cdef enum:
     STREAM_GEMM_MAX_K = 16
     STREAM_GEMM_MAX_M = 64
     STREAM_GEMM_MIN_N = 16384
-    # ... and every product at least KERNEL_MIN_COLUMNS wide, its A (if transposed)
-    # of at most KERNEL_MAX_A elements (4 MiB). Since C's right edge takes full
-    # blocks of 16 or 32 columns (before, one masked kernel several times slower),
+    # ... and, where this thread's BLAS has one thread (``set_gemm_threads``: the
+    # kernel runs on the caller's alone), every product at least KERNEL_MIN_COLUMNS
+    # wide, its A (if transposed) of at most KERNEL_MAX_A elements (4 MiB). (At 2
+    # threads, interleaved A/B, threaded BLAS -> the kernel: the blas backend's
+    # DCGAN 256->128 28.4 -> 50.1 ms forward, 51.0 -> 96.7 backward.) Since C's right
+    # edge takes full blocks of 16 or 32 columns (before, one masked kernel several
+    # times slower),
     # the kernel beats OpenBLAS 0.3.34 on the large products im2col makes too, no
     # packing; 1 thread, interleaved medians of 7, GFLOP/s OpenBLAS -> kernel:
     # M 256 N 512 K 2048 (DCGAN 256->128's input gradient) 92 -> 105, M 2048 N 256
@@ -257,7 +285,8 @@ cdef inline bint unpacked_wins(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint a_
         return False
     if streams(m, n, k) or k <= SMALL_GEMM_MAX_K and SMALL_GEMM_MIN_A <= m * k <= SMALL_GEMM_MAX_A:
         return True
-    return n >= KERNEL_MIN_COLUMNS and (m * k <= KERNEL_MAX_A or not a_transposed)
+    return (n >= KERNEL_MIN_COLUMNS and (m * k <= KERNEL_MAX_A or not a_transposed)
+            and tconv_gemm_threads() == 1)
 
 
 cdef void sgemm_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda, int a_transposed,

@@ -99,7 +99,10 @@ def _transpose_weight_grads(monkeypatch, transposed: bool, ndim: int) -> None:
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("gw_transposed", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])  # (float32 packs sample-minor tiles in 4x4 blocks)
-def test_every_tiling_matches_the_reference(monkeypatch, path, ndim, with_bias, gw_transposed, dtype, assert_close):
+def test_every_tiling_matches_the_reference(monkeypatch, restore_threads, path, ndim, with_bias, gw_transposed, dtype,
+                                            assert_close):
+    if dtype == np.float32:
+        tconv.set_num_threads(1)  # (float32's GEMMs then take the unpacked kernel: see test_small_gemm)
     constants, described = PATHS[path]
     for name, value in constants.items():
         assert hasattr(blas_backend, name), name
@@ -171,10 +174,13 @@ def test_outputs_are_written_not_read(monkeypatch, path, ndim, with_bias, assert
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("gw_transposed", [False, True])
-def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, path, ndim, dtype, gw_transposed):
+def test_the_backward_pair_is_the_two_calls_bit_for_bit(monkeypatch, restore_threads, path, ndim, dtype,
+                                                        gw_transposed):
     """Both gradients of a transposed convolution come from one im2col per tile
     (``gather_and_weight_grad``): the same bits as asking for each alone. Where
     the pair's (slightly larger) buffers would pass the budget, it makes the two calls."""
+    if dtype == np.float32:
+        tconv.set_num_threads(1)  # (float32's GEMMs then take the unpacked kernel)
     tight = path == "tight_budget"
     for name, value in ({} if tight else PATHS[path][0]).items():
         monkeypatch.setattr(blas_backend, name, value)
@@ -591,7 +597,7 @@ def test_three_d_kernels_are_not_banded():
 
 
 @pytest.mark.parametrize("path", sorted(set(PATHS) - {"channel_blocks_interleaved"}))
-def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, assert_close):
+def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, restore_threads, path, assert_close):
     """A float32 weight gradient at least ``KERNEL_MIN_COLUMNS`` wide (the transposed
     convolution's 40 input channels), over a long reduction (8 samples of 12x12), is
     summed transposed as ``cols @ dY^T`` by the unpacked kernel (one block of three
@@ -604,9 +610,7 @@ def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, asser
     n, c_in, c_out, size = 8, 40, 6, 12
     geom = Geometry(image=(1, 2 * size, 2 * size), grid=(1, size, size), kernel=(1, 4, 4), stride=(1, 2, 2),
                     dilation=(1, 1, 1), pad_begin=(0, 1, 1), groups=1)
-    assert blas_backend.weight_grad_transposed(geom, n, c_out, c_in, 4)
-    tile = blas_backend.weight_grad_plan(geom, n, c_out, c_in, 4).cols_per_tile
-    assert blas_backend._blas_core.unpacked_gemm(c_out * 16, c_in, tile)
+    tconv.set_num_threads(1)  # (the kernel is for one thread: see test_small_gemm)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((n, c_in, size, size)).astype(np.float32)
     w = rng.standard_normal((c_in, c_out, 4, 4)).astype(np.float32)
@@ -615,6 +619,10 @@ def test_wide_weight_gradients_are_summed_by_the_kernel(monkeypatch, path, asser
     alone = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("weight",), backend="blas")[1]
     pair = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("input", "weight"), backend="blas")
     expected = tconv.conv_transpose2d_backward(dy, x, w, **kw, needs=("input", "weight"), backend="numpy")
+    # (asked after the calls, which told the core this thread's BLAS threads)
+    assert blas_backend.weight_grad_transposed(geom, n, c_out, c_in, 4)
+    tile = blas_backend.weight_grad_plan(geom, n, c_out, c_in, 4).cols_per_tile
+    assert blas_backend._blas_core.unpacked_gemm(c_out * 16, c_in, tile)
     assert np.array_equal(pair[1], alone)
     assert_close(pair[0], expected[0])
     assert_close(pair[1], expected[1])

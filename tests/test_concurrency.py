@@ -191,8 +191,11 @@ def test_set_num_threads_from_many_threads_keeps_results(backend_name):
         stop.set()
         fiddler.join()
         tconv.set_num_threads(None)
+    # (across thread counts blas agrees to rounding only: at 1 thread its float32 GEMMs
+    # take the core's kernel, at 2 OpenBLAS's threaded GEMM; README, "Reproducibility")
+    check = assert_equal_to_rounding if backend_name == "blas" else assert_identical
     for name, got in results:
-        assert_identical(got, serial[name], f"{name} while set_num_threads changes")
+        check(got, serial[name], f"{name} while set_num_threads changes")
 
 
 @pytest.mark.slow

@@ -405,6 +405,23 @@ def test_openmp_results_are_bitwise_equal_across_runs_and_thread_counts(openmp, 
             assert np.array_equal(a, c)
 
 
+def test_openmp_bits_do_not_depend_on_the_callers_last_blas_call(openmp, restore_threads):
+    """The core's GEMM path is chosen per thread (``set_gemm_threads``): a ``blas`` call at 2
+    threads leaves the calling thread on threaded BLAS; the openmp tasks that thread then
+    runs must still take the core's kernel like the OpenMP workers' (same bits as before)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 64, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((64, 48, 4, 4)).astype(np.float32)
+    wc = rng.standard_normal((48, 64, 4, 4)).astype(np.float32)
+    tconv.set_num_threads(2)
+    kw = dict(stride=2, padding=1)
+    first = (tconv.conv_transpose2d(x, w, **kw, backend="openmp"), tconv.conv2d(x, wc, backend="openmp"))
+    tconv.conv_transpose2d(x, w, **kw, backend="blas")  # (this thread: BLAS at 2 threads)
+    again = (tconv.conv_transpose2d(x, w, **kw, backend="openmp"), tconv.conv2d(x, wc, backend="openmp"))
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_openmp_small_pairs_run_their_gradients_side_by_side(openmp, monkeypatch, restore_threads, n,
                                                              assert_close):

@@ -98,3 +98,27 @@ def test_layers_through_the_kernel_match_the_reference(name, assert_close):
         results[backend] = [y, *grads[:2]]
     for got, want in zip(results["blas"], results["numpy"]):
         assert_close(got, want)
+
+
+def test_the_kernel_takes_large_products_only_where_blas_has_one_thread(restore_threads):
+    """The kernel runs on the calling thread alone: where the ``blas`` backend gives BLAS
+    two threads, the large products stay with BLAS; the flag is the calling thread's,
+    so a thread that was not told (an openmp plugin's worker) keeps the kernel."""
+    import threading
+
+    if not _blas_core.small_gemm_available():
+        pytest.skip("the unpacked kernel needs AVX-512F")
+    x = np.ones((2, 4, 3, 3), np.float32)
+    w = np.ones((4, 2, 3, 3), np.float32)
+    tconv.set_num_threads(2)
+    tconv.conv_transpose2d(x, w, backend="blas")
+    assert not _blas_core.unpacked_gemm(2048, 256, 512)
+    assert _blas_core.unpacked_gemm(64, 1024, 48)  # (the small-operand range, at any count)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_blas_core.unpacked_gemm(2048, 256, 512)))
+    worker.start()
+    worker.join()
+    assert seen == [True]
+    tconv.set_num_threads(1)
+    tconv.conv_transpose2d(x, w, backend="blas")
+    assert _blas_core.unpacked_gemm(2048, 256, 512)

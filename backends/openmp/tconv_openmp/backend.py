@@ -365,8 +365,13 @@ class OpenMPBackend(Backend):
 
     @staticmethod
     def _threads(tasks: int) -> int:
-        """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread."""
+        """OpenMP threads for one call; BLAS is set to one thread per OpenMP thread, and
+        the core told so in the calling thread, which runs tasks too: every task's
+        float32 GEMM then takes the same path (the core's kernel or its BLAS) whichever
+        thread runs it, as the bits must not depend on that."""
         _threads.set_blas_threads(1)
+        if _blas_core is not None:
+            _blas_core.set_gemm_threads(1)
         return max(1, min(get_num_threads(), tasks))
 
     def scatter(self, grid_in, weight, bias, geom):
