@@ -126,13 +126,13 @@ static inline TCONV_AVX512 void tconv_nn_row_block(ptrdiff_t mr, ptrdiff_t j, pt
 #define TCONV_A_CHUNK (1 << 18)
 #define TCONV_A_MIN_CHUNK 256  /* shorter chunks, C passed over once per chunk, lost: M 4096 K 512 in 64s 106 -> 83 GFLOP/s */
 TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a, ptrdiff_t a_row,
-                                        ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
-                                        const float* row_init, int accumulate)
+                                 ptrdiff_t a_col, const float* b, ptrdiff_t ldb, float* c, ptrdiff_t ldc,
+                                 const float* row_init, int accumulate)
 {
-    ptrdiff_t i, j, p, kc = k, kp;
+    ptrdiff_t i, j, p, kc = k > 0 ? k : 1, kp;
     if (m * k > TCONV_A_WHOLE && TCONV_A_CHUNK / m >= TCONV_A_MIN_CHUNK)
         kc = TCONV_A_CHUNK / m;
-    for (p = 0; p < k; p += kc) {
+    for (p = 0; p == 0 || p < k; p += kc) {  /* (once at K = 0: C is still written, from its start) */
         kp = k - p < kc ? k - p : kc;
         for (j = 0; j < n; j += 48)
             for (i = 0; i < m; i += 8)
@@ -146,8 +146,8 @@ TCONV_AVX512 void tconv_sgemm_nn(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const fl
    B, which streams from L3 (the large products im2col makes: A a weight of 256 x 2048,
    B a 2048 x 512 column buffer). */
 TCONV_AVX512 void tconv_sgemm_nn_rows(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* a,
-                                             ptrdiff_t a_row, ptrdiff_t a_col, const float* b, ptrdiff_t ldb,
-                                             float* c, ptrdiff_t ldc, const float* row_init, int accumulate)
+                                      ptrdiff_t a_row, ptrdiff_t a_col, const float* b, ptrdiff_t ldb,
+                                      float* c, ptrdiff_t ldc, const float* row_init, int accumulate)
 {
     ptrdiff_t i;
     for (i = 0; i < m; i += 8)

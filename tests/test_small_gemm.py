@@ -122,3 +122,19 @@ def test_the_kernel_takes_large_products_only_where_blas_has_one_thread(restore_
     tconv.set_num_threads(1)
     tconv.conv_transpose2d(x, w, backend="blas")
     assert _blas_core.unpacked_gemm(2048, 256, 512)
+
+
+@pytest.mark.parametrize("rows_outer", [False, True])
+@pytest.mark.parametrize("start", ["zero", "accumulate", "bias"])
+def test_an_empty_reduction_still_writes_c(rows_outer, start):
+    """K = 0: C is its start alone (zeros, its old value, or the bias), by either driver."""
+    if not _blas_core.small_gemm_available():
+        pytest.skip("the unpacked kernel needs AVX-512F")
+    a, b = np.zeros((5, 0), np.float32), np.zeros((0, 40), np.float32)
+    c = np.full((5, 40), 7, np.float32)
+    bias = np.arange(5, dtype=np.float32)
+    _blas_core.small_gemm(a, b, c, False, start == "accumulate", False, bias if start == "bias" else None,
+                          rows_outer)
+    expected = {"zero": np.zeros((5, 40)), "accumulate": np.full((5, 40), 7.0),
+                "bias": np.repeat(bias[:, None], 40, axis=1)}[start]
+    assert np.array_equal(c, expected)
