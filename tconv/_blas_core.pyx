@@ -254,9 +254,8 @@ cdef enum:
     # threads, interleaved A/B, threaded BLAS -> the kernel: the blas backend's
     # DCGAN 256->128 28.4 -> 50.1 ms forward, 51.0 -> 96.7 backward.) Since C's right
     # edge takes full blocks of 16 or 32 columns (before, one masked kernel several
-    # times slower),
-    # the kernel beats OpenBLAS 0.3.34 on the large products im2col makes too, no
-    # packing; 1 thread, interleaved medians of 7, GFLOP/s OpenBLAS -> kernel:
+    # times slower), the kernel beats OpenBLAS 0.3.34 on the large products im2col
+    # makes too, no packing; 1 thread, interleaved medians of 7, GFLOP/s OpenBLAS -> kernel:
     # M 256 N 512 K 2048 (DCGAN 256->128's input gradient) 92 -> 105, M 2048 N 256
     # K 512 (its weight gradient, as cols @ dY^T) 101 -> 112, M 1024 N 128 K 512
     # 101 -> 115, M 8 N 1024 K 2048 30 -> 91, M 32 N 1024 K 1024 69 -> 104; N 17

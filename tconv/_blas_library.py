@@ -79,6 +79,14 @@ _KEEP: list = []
 _chosen: BlasLibrary | None = None
 
 
+def _choice(wanted: str) -> str:
+    """``wanted`` as a ``CHOICES`` entry (any case, spaces around ignored); ValueError if none."""
+    wanted = wanted.strip().lower()
+    if wanted not in CHOICES:
+        raise ValueError(f"TCONV_BLAS={wanted!r}: expected one of {', '.join(CHOICES)}")
+    return wanted
+
+
 def select(wanted: str, core) -> BlasLibrary:
     """Point ``core`` (``tconv._blas_core``) at the BLAS ``wanted`` names (a ``CHOICES``
     entry, any case): ``auto`` takes scipy-openblas32's where it loads, else SciPy's.
@@ -88,9 +96,7 @@ def select(wanted: str, core) -> BlasLibrary:
     ValueError
         ``wanted`` names no choice, or names ``scipy-openblas32`` where it cannot load.
     """
-    wanted = wanted.strip().lower()
-    if wanted not in CHOICES:
-        raise ValueError(f"TCONV_BLAS={wanted!r}: expected one of {', '.join(CHOICES)}")
+    wanted = _choice(wanted)
     if wanted != "scipy":
         try:
             return _load_openblas32(core)
@@ -115,9 +121,7 @@ def requested() -> str:
     ValueError
         An unknown name, or ``scipy-openblas32`` where it is not installed.
     """
-    wanted = (os.environ.get("TCONV_BLAS") or "auto").strip().lower()
-    if wanted not in CHOICES:
-        raise ValueError(f"TCONV_BLAS={wanted!r}: expected one of {', '.join(CHOICES)}")
+    wanted = _choice(os.environ.get("TCONV_BLAS") or "auto")
     if wanted == "scipy-openblas32" and _openblas32_file() is None:
         raise ValueError("TCONV_BLAS=scipy-openblas32, but it cannot be used: the scipy-openblas32 package "
                          "is not installed (pip install scipy-openblas32)")
